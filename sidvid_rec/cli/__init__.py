@@ -1,0 +1,69 @@
+"""``sidvid-rec`` command-line entry point.
+
+Each subcommand lives in its own module of this package and exposes
+``register(subparsers)``, which adds its parser and sets ``func`` to a callable taking the
+parsed ``argparse.Namespace`` and returning an exit code. This module only dispatches and
+turns :class:`~sidvid_rec.errors.UserError` into a one-line message and exit code 2.
+"""
+
+import argparse
+import importlib
+import re
+import sys
+from typing import List, Optional
+
+from sidvid_rec.errors import UserError
+
+# Subcommand modules, in the order of the pipeline. A module missing here is a bug.
+_COMMAND_MODULES = (
+    "sidvid_rec.cli.data_cmd",
+    "sidvid_rec.cli.embed_cmd",
+    "sidvid_rec.cli.sids_cmd",
+    "sidvid_rec.cli.train_cmd",
+    "sidvid_rec.cli.evaluate_cmd",
+    "sidvid_rec.cli.export_cmd",
+    "sidvid_rec.cli.pipeline_cmd",
+)
+
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*\.[A-Za-z_]\w*=")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sidvid-rec",
+        description="Generative sequential recommendation with semantic IDs (SID) and vector IDs (VID).",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name == name:  # not written yet: the command is simply absent
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot take positionals after options (``stats PATH --format F key=value``):
+    # collect the stray ``section.key=value`` words as overrides, reject anything else.
+    unknown = [a for a in extra if not (hasattr(args, "overrides") and _OVERRIDE.match(a))]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        print(f"sidvid-rec {args.command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"sidvid-rec {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from sidvid_rec.cli import main
+
+sys.exit(main())

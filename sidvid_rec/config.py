@@ -1,0 +1,368 @@
+"""Typed configuration: small dataclass sections, YAML files, ``section.key=value`` overrides.
+
+Precedence: command-line overrides > YAML file > dataclass defaults. The defaults alone
+describe the HSTU ``id`` model on the embedded ml-latest-small data. Modules never see
+the whole :class:`Config`: ``cli.py`` and ``train/`` hand each builder its own section.
+
+Example::
+
+    cfg = load_config("configs/ml-100k/hstu.yaml", ["model.mode=sid_id", "train.epochs=3"])
+"""
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Literal, Optional, Tuple
+
+import yaml
+
+from sidvid_rec import io
+from sidvid_rec.errors import ConfigError
+
+DataFormat = Literal["auto", "ml-100k", "ml-1m", "ml-20m", "ml-latest", "amazon"]
+Protocol = Literal["loo", "gr"]
+ModelMode = Literal["id", "sid", "sid_id", "cobra"]
+Fusion = Literal["sum", "fc", "mlp", "gate"]
+Balance = Literal["balanced", "none"]
+Pooling = Literal["auto", "mean", "last"]
+Decoder = Literal["direct", "neighbor", "soft", "beam"]
+BeamFuse = Literal["prod", "sum", "softmax"]
+VidNegatives = Literal["in_batch", "in_batch_global", "queue"]
+IndexKind = Literal["flat", "hnsw", "ivf"]
+Sharding = Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"]
+EmbeddingOptimizer = Literal["auto", "rowwise_adagrad", "adagrad", "sgd", "adam"]
+Device = Literal["auto", "cpu", "cuda"]
+AttentionScale = Literal["length", "max_len"]
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Data directory; empty = the embedded MovieLens ml-latest-small."""
+    format: DataFormat = "auto"
+    """File format; ``auto`` detects it from the file names in ``path``."""
+    protocol: Protocol = "loo"
+    """``loo``: leave-one-out with validation; ``gr``: generative-recommenders (no validation)."""
+    max_len: int = 200
+    """History cap: the most recent ``max_len`` items of a sequence are kept."""
+    min_len: int = 5
+    """Users with fewer interactions are dropped (and counted in the stats)."""
+    cache_dir: str = "~/.cache/sidvid_rec"
+    """Where preprocessed sequences are cached (keyed by a fingerprint of the input files)."""
+
+
+@dataclass
+class SidsConfig:
+    encoder: str = "minilm"
+    """Text encoder: ``minilm`` (shipped weights), ``tfidf`` (no weights) or a local HF model dir."""
+    pooling: Pooling = "auto"
+    """Token pooling: ``mean`` (BERT-style), ``last`` (decoder LMs); ``auto`` picks by model type."""
+    text_batch_size: int = 64
+    """Items encoded per forward pass."""
+    max_tokens: int = 128
+    """Item texts are truncated to this many tokens."""
+    layers: int = 3
+    """Residual k-means layers L."""
+    codebook_size: int = 256
+    """Codes per layer K."""
+    balance: Balance = "balanced"
+    """``balanced``: OneRec-style size-constrained k-means; ``none``: plain RQ-KMeans."""
+    tol: float = 0.1
+    """Cluster sizes must lie in [ceil(n/K*(1-tol)), floor(n/K*(1+tol))]."""
+    dedup: bool = True
+    """Append a TIGER-style disambiguation code so every item's SID is unique."""
+    kmeans_iters: int = 25
+    """Lloyd iterations of the initial (FAISS) k-means per layer."""
+    balance_iters: int = 50
+    """Maximum rebalancing rounds per layer."""
+    seed: int = 0
+    """Seed of the k-means initialisation."""
+    dir: str = ""
+    """Semantic-ID artifact directory used by ``sid``/``sid_id``/``cobra`` models."""
+
+
+@dataclass
+class ModelConfig:
+    mode: ModelMode = "id"
+    """``id``: item-ID HSTU; ``sid``: prefixN SID only; ``sid_id``: fused; ``cobra``: SID/VID."""
+    fusion: Fusion = "sum"
+    """How SID and ID vectors are combined in ``sid_id`` mode."""
+    dim: int = 50
+    """Embedding / model width d."""
+    num_blocks: int = 2
+    """HSTU layers."""
+    num_heads: int = 1
+    """Attention heads."""
+    dqk: int = 50
+    """Query/key width per head."""
+    dv: int = 50
+    """Value width per head."""
+    dropout: float = 0.2
+    """Dropout on the input embeddings and each layer's output."""
+    attn_dropout: float = 0.0
+    """Dropout on the attention weights."""
+    num_time_buckets: int = 128
+    """Relative time bias buckets: floor(ln(max(|dt|,1))/0.301) clamped to [0, this]."""
+    attention_scale: AttentionScale = "length"
+    """Attention is divided by each sequence's true length or by the fixed ``max_len``."""
+    sid_table_size: int = 0
+    """Rows of the SID-prefix table; 0 = one row per distinct prefix (no hash collisions)."""
+    text_projection: bool = False
+    """COBRA: add a projection of the item's text embedding to its VID token."""
+
+
+@dataclass
+class LossConfig:
+    num_negatives: int = 128
+    """R uniform negatives from the whole item set (sampled softmax)."""
+    temperature: float = 0.05
+    """Softmax temperature on cosine similarities."""
+    vid_weight: float = 1.0
+    """COBRA: lambda in L = L_sid + lambda * L_vid."""
+    vid_negatives: VidNegatives = "in_batch_global"
+    """COBRA VID negative pool: in-batch only, plus R global negatives, or a memory queue."""
+    queue_size: int = 4096
+    """COBRA: item vectors kept in the cross-batch memory queue."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 101
+    """Maximum epochs (early stopping may end sooner)."""
+    batch_size: int = 128
+    """Global batch size in sequences (split across ranks)."""
+    lr: float = 1e-3
+    """AdamW learning rate of the dense parameters."""
+    betas: Tuple[float, float] = (0.9, 0.98)
+    """AdamW betas."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    embedding_optimizer: EmbeddingOptimizer = "auto"
+    """Fused optimizer of the TorchRec tables; ``auto``: row-wise Adagrad on CPU, Adam on GPU."""
+    embedding_lr: float = 0.05
+    """Learning rate of the fused table optimizer (Adagrad-family needs a larger one)."""
+    seed: int = 42
+    """Seed of initialisation, shuffling, dropout and negative sampling."""
+    patience: int = 10
+    """Stop when validation NDCG@10 has not improved for this many evaluations."""
+    eval_every: int = 1
+    """Validate every this many epochs."""
+    resume: bool = False
+    """Continue from the run directory's last checkpoint."""
+    sharding: Sharding = "auto"
+    """TorchRec sharding of the tables: planner's choice or forced."""
+    device: Device = "auto"
+    """``auto``: CUDA when available."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0 = no limit); for smoke tests."""
+
+
+@dataclass
+class EvalConfig:
+    ks: List[int] = field(default_factory=lambda: [1, 5, 10, 50, 200])
+    """Cut-offs of HR@K (NDCG@K for every K > 1)."""
+    batch_size: int = 256
+    """Users scored per batch."""
+    filter_history: bool = True
+    """Remove items already in the history from the ranking."""
+    decoder: Decoder = "direct"
+    """COBRA decoder."""
+    soft_k: int = 5
+    """``soft``: top-k SIDs mixed."""
+    soft_tau: float = 0.5
+    """``soft``: softmax temperature of the SID weights."""
+    beam_size: int = 5
+    """``beam``: SIDs kept."""
+    beam_ann: int = 50
+    """``beam``: items retrieved per SID."""
+    beam_fuse: BeamFuse = "prod"
+    """``beam``: how SID and VID scores are fused."""
+    alpha: float = 0.5
+    """``beam``: weight of the SID score."""
+    beta: float = 1.0
+    """``beam`` with ``softmax`` fusion: temperature of the ANN scores."""
+
+
+@dataclass
+class RetrievalConfig:
+    index: IndexKind = "flat"
+    """FAISS index: exact inner product, HNSW or IVF."""
+    hnsw_m: int = 32
+    """HNSW neighbours per node."""
+    ef_search: int = 256
+    """HNSW search depth."""
+    ivf_nlist: int = 0
+    """IVF lists; 0 = 4 * sqrt(items)."""
+    nprobe: int = 16
+    """IVF lists visited per query."""
+    use_gpu: bool = True
+    """Use a GPU index when faiss-gpu and CUDA are present."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    sids: SidsConfig = field(default_factory=SidsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Checks ``value`` against a field annotation; converts int->float, list->tuple."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{where}: {value!r} is not one of {choices}")
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if annotation is str:
+        if value is None:
+            return ""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], where) for v in value]
+    if origin in (tuple, Tuple):
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, where) for v, a in zip(value, args))
+    if origin is typing.Union and type(None) in args:
+        return None if value is None else _coerce(value, args[0], where)
+    raise TypeError(f"unsupported config annotation {annotation!r} at {where}")
+
+
+def _section_types(section_cls: type) -> Dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, source: str) -> None:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    if section not in sections:
+        raise ConfigError(f"{source}: unknown config section {section!r} (sections: {', '.join(sections)})")
+    obj = getattr(cfg, section)
+    hints = _section_types(type(obj))
+    if key not in hints:
+        raise ConfigError(f"{source}: unknown config key {section}.{key}")
+    setattr(obj, key, _coerce(value, hints[key], f"{source}: {section}.{key}"))
+
+
+def _validate(cfg: Config) -> None:
+    """Range checks that types alone cannot express."""
+    positive = {
+        "data.max_len": cfg.data.max_len, "sids.layers": cfg.sids.layers,
+        "sids.codebook_size": cfg.sids.codebook_size, "sids.text_batch_size": cfg.sids.text_batch_size,
+        "model.dim": cfg.model.dim, "model.num_blocks": cfg.model.num_blocks,
+        "model.num_heads": cfg.model.num_heads, "model.dqk": cfg.model.dqk, "model.dv": cfg.model.dv,
+        "train.batch_size": cfg.train.batch_size, "train.epochs": cfg.train.epochs,
+        "eval.batch_size": cfg.eval.batch_size, "loss.num_negatives": cfg.loss.num_negatives,
+        "eval.soft_k": cfg.eval.soft_k, "eval.beam_size": cfg.eval.beam_size,
+    }
+    for name, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{name} must be positive, got {value}")
+    for name, value in {"model.dropout": cfg.model.dropout, "model.attn_dropout": cfg.model.attn_dropout,
+                        "eval.alpha": cfg.eval.alpha}.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{name} must lie in [0, 1], got {value}")
+    if not 0.0 <= cfg.sids.tol < 1.0:
+        raise ConfigError(f"sids.tol must lie in [0, 1), got {cfg.sids.tol}")
+    if cfg.data.min_len < 3:
+        raise ConfigError(f"data.min_len must be at least 3 (train, valid and test items), got {cfg.data.min_len}")
+    if cfg.loss.temperature <= 0:
+        raise ConfigError(f"loss.temperature must be positive, got {cfg.loss.temperature}")
+    if not cfg.eval.ks or min(cfg.eval.ks) <= 0:
+        raise ConfigError(f"eval.ks must be a non-empty list of positive integers, got {cfg.eval.ks}")
+
+
+def parse_override(text: str) -> Tuple[str, str, Any]:
+    """Splits ``section.key=value``; the value is parsed as YAML (``3``, ``true``, ``[1, 5]``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    dotted, raw = text.split("=", 1)
+    if dotted.count(".") != 1:
+        raise ConfigError(f"override {text!r}: the key must be section.key (e.g. train.epochs=3)")
+    section, key = dotted.strip().split(".")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return section, key, value
+
+
+def resolve_config_path(path: str) -> str:
+    """Accepts a file path or a short name like ``ml-100k/hstu`` (looked up in ``./configs``)."""
+    candidates = [path, f"configs/{path}", f"configs/{path}.yaml", f"{path}.yaml"]
+    for candidate in candidates:
+        if io.exists(io.expand(candidate)) and not io.isdir(io.expand(candidate)):
+            return io.expand(candidate)
+    raise ConfigError(f"config file not found: {path}")
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None) -> Config:
+    """Builds a :class:`Config` from defaults, an optional YAML file and overrides."""
+    cfg = Config()
+    if path:
+        resolved = resolve_config_path(path)
+        with io.open_file(resolved, "r") as f:
+            try:
+                raw = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{resolved}: not valid YAML ({str(e).splitlines()[0]})")
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{resolved}: expected a mapping of sections")
+        for section, values in raw.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"{resolved}: section {section!r} must be a mapping")
+            for key, value in values.items():
+                _apply(cfg, section, key, value, resolved)
+    for text in overrides or []:
+        section, key, value = parse_override(text)
+        _apply(cfg, section, key, value, "override")
+    _validate(cfg)
+    return cfg
+
+
+def config_from_dict(raw: Dict[str, Dict[str, Any]]) -> Config:
+    """Rebuilds a :class:`Config` saved with :meth:`Config.to_dict` (e.g. a run's config.yaml)."""
+    cfg = Config()
+    for section, values in raw.items():
+        for key, value in values.items():
+            _apply(cfg, section, key, value, "saved config")
+    _validate(cfg)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML text of the resolved config (tuples written as lists)."""
+    def plain(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {k: plain(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [plain(v) for v in obj]
+        return obj
+    return yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False)
