@@ -47,6 +47,16 @@ def open_file(path: str, mode: str = "r", **kwargs: Any) -> IO:
     return path_manager.open(path, mode, **kwargs)
 
 
+def replace(src: str, dst: str) -> None:
+    """Moves ``src`` over ``dst`` (atomic ``os.replace`` on local disk; iopath ``mv`` elsewhere)."""
+    if "://" not in src and "://" not in dst:
+        os.replace(src, dst)
+        return
+    if path_manager.exists(dst):
+        path_manager.rm(dst)
+    path_manager.mv(src, dst)
+
+
 def _temp_sibling(path: str) -> str:
     head, tail = os.path.split(path.rstrip("/"))
     return os.path.join(head, f".{tail}.tmp-{uuid.uuid4().hex[:8]}")
@@ -72,7 +82,7 @@ def atomic_open(path: str, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
             if hasattr(f, "fileno"):
                 with contextlib.suppress(OSError, ValueError):
                     os.fsync(f.fileno())
-        path_manager.mv(tmp, path)
+        replace(tmp, path)
     finally:
         if path_manager.exists(tmp):
             path_manager.rm(tmp)
@@ -110,8 +120,8 @@ def atomic_dir(path: str) -> Iterator[str]:
         old = None
         if exists(path):
             old = _temp_sibling(path) + ".old"
-            path_manager.mv(path, old)
-        path_manager.mv(tmp, path)
+            replace(path, old)
+        replace(tmp, path)
         if old is not None:
             remove_tree(old)
     finally:

@@ -86,7 +86,7 @@ def test_batches_are_jagged_and_deterministic(cache_dir):
     a = next(iter(it))
     it.set_epoch(1)
     b = next(iter(it))
-    assert a.features.keys() == ["item_id", "timestamp", "target_id"]
+    assert a.features.keys() == ["item_id", "timestamp", "target_id", "target_timestamp"]
     assert np.array_equal(a.features.values().numpy(), b.features.values().numpy())
     items, targets = a.jagged("item_id"), a.jagged("target_id")
     assert items.values().numel() == int(items.lengths().sum()) <= 32 * 50  # no padding

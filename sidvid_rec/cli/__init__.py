@@ -8,6 +8,8 @@ turns :class:`~sidvid_rec.errors.UserError` into a one-line message and exit cod
 
 import argparse
 import importlib
+import logging
+import warnings
 import re
 import sys
 from typing import List, Optional
@@ -45,7 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_third_party() -> None:
+    """Silences deprecation chatter of torchrec's planner/DMP that users cannot act on."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*is_fx_tracing.*")
+    for name in ("torchrec", "torch.distributed", "iopath", "torch.fx"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    _quiet_third_party()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # argparse cannot take positionals after options (``stats PATH --format F key=value``):

@@ -1,8 +1,9 @@
 """Batches of jagged sequences as TorchRec ``KeyedJaggedTensor`` s, never padded.
 
 A :class:`SequenceBatch` holds one KJT with keys ``item_id``, ``timestamp`` (lengths
-``[B]``: the input tokens) and ``target_id``: for training the next item of every input
-position (same lengths), for evaluation one target per sequence (lengths all 1).
+``[B]``: the input tokens) and ``target_id``, ``target_timestamp``: for training the next
+item of every input position and its time (same lengths), for evaluation one target per
+sequence (lengths all 1). HSTU's time bias uses the target times as query times.
 
 Global batches are formed from one seeded permutation per epoch and each rank takes a
 contiguous slice of every global batch, so ``world_size`` ranks see exactly the examples
@@ -22,17 +23,19 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from sidvid_rec.data.sequences import Split  # noqa: E402
 
-FEATURE_KEYS = ["item_id", "timestamp", "target_id"]
+FEATURE_KEYS = ["item_id", "timestamp", "target_id", "target_timestamp"]
 
 
 @dataclass
 class SequenceBatch:
-    """``features``: KJT (``item_id``, ``timestamp``, ``target_id``); ``user_index [B]``;
+    """``features``: KJT (``item_id``, ``timestamp``, ``target_id``, ``target_timestamp``); ``user_index [B]``;
     ``weights [B]``: 1 for real examples, 0 for the fillers that even out ranks' batches."""
 
     features: KeyedJaggedTensor
     user_index: torch.Tensor
     weights: torch.Tensor
+    next_item_targets: bool
+    """True for training batches (a target per position), False for evaluation (one per sequence)."""
 
     @property
     def batch_size(self) -> int:
@@ -44,10 +47,11 @@ class SequenceBatch:
     def to(self, device: torch.device, non_blocking: bool = False) -> "SequenceBatch":
         return SequenceBatch(self.features.to(device, non_blocking=non_blocking),
                              self.user_index.to(device, non_blocking=non_blocking),
-                             self.weights.to(device, non_blocking=non_blocking))
+                             self.weights.to(device, non_blocking=non_blocking), self.next_item_targets)
 
     def pin_memory(self) -> "SequenceBatch":
-        return SequenceBatch(self.features.pin_memory(), self.user_index.pin_memory(), self.weights.pin_memory())
+        return SequenceBatch(self.features.pin_memory(), self.user_index.pin_memory(), self.weights.pin_memory(),
+                             self.next_item_targets)
 
 
 def collate(split: Split, examples: np.ndarray, weights: np.ndarray) -> SequenceBatch:
@@ -60,20 +64,22 @@ def collate(split: Split, examples: np.ndarray, weights: np.ndarray) -> Sequence
         index = _ranges(starts, lengths)
         item_ids, timestamps = split.values[index], split.timestamps[index]
         target_ids, target_lengths = split.values[index + 1], lengths
+        target_timestamps = split.timestamps[index + 1]
     else:
         lengths = ends - starts
         index = _ranges(starts, lengths)
         item_ids, timestamps = split.values[index], split.timestamps[index]
         target_ids, target_lengths = split.targets[examples], np.ones_like(lengths)
-    values = np.concatenate([item_ids, timestamps, target_ids])
-    all_lengths = np.concatenate([lengths, lengths, target_lengths])
+        target_timestamps = split.target_timestamps[examples]
+    values = np.concatenate([item_ids, timestamps, target_ids, target_timestamps])
+    all_lengths = np.concatenate([lengths, lengths, target_lengths, target_lengths])
     features = KeyedJaggedTensor.from_lengths_sync(
         keys=FEATURE_KEYS,
         values=torch.from_numpy(values.astype(np.int64)),
         lengths=torch.from_numpy(all_lengths.astype(np.int32)),
     )
     return SequenceBatch(features, torch.from_numpy(split.user_index[examples]),
-                         torch.from_numpy(weights.astype(np.float32)))
+                         torch.from_numpy(weights.astype(np.float32)), split.targets is None)
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

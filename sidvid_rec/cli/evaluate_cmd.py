@@ -1,0 +1,57 @@
+"""``sidvid-rec evaluate RUN_DIR [--split valid|test] [--decoder ...] [section.key=value ...]``.
+
+Evaluates the run's best checkpoint with full ranking, updates ``RUN_DIR/metrics.json``
+for that split and prints the metrics as one JSON object on the last line of stdout.
+"""
+
+import argparse
+import json
+import os
+
+from sidvid_rec import io
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("evaluate", help="full-ranking evaluation of a run's best checkpoint")
+    parser.add_argument("run_dir", help="run directory written by `sidvid-rec train`")
+    parser.add_argument("--split", choices=["valid", "test"], default="test")
+    parser.add_argument("--decoder", choices=["direct", "neighbor", "soft", "beam"], default=None,
+                        help="COBRA decoder (default: eval.decoder of the run's config)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="eval.* / retrieval.* overrides")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sidvid_rec.config import config_from_dict, parse_override
+    from sidvid_rec.data import load_sequences, make_split
+    from sidvid_rec.errors import ConfigError
+    from sidvid_rec.models.builder import build_model, evaluate_model
+    from sidvid_rec.train import checkpoint as ckpt
+    from sidvid_rec.train.distributed import init_distributed
+    from sidvid_rec.train.trainer import load_run_config
+
+    cfg = load_run_config(args.run_dir)
+    overrides = list(args.overrides) + ([f"eval.decoder={args.decoder}"] if args.decoder else [])
+    raw = cfg.to_dict()
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section not in ("eval", "retrieval"):
+            raise ConfigError(f"evaluate takes eval.* and retrieval.* overrides only, got {section}.{key}")
+        raw.setdefault(section, {})[key] = value
+    cfg = config_from_dict(raw)
+    if args.split == "valid" and cfg.data.protocol == "gr":
+        raise ConfigError("protocol gr has no validation split; use --split test")
+    best = ckpt.best_checkpoint(args.run_dir)
+    ctx = init_distributed(cfg.train.device)
+    data = load_sequences(cfg.data)
+    model = build_model(cfg, data, ctx)
+    payload = ckpt.load_checkpoint(best, ckpt.model_fingerprint(cfg, data.num_items))
+    model.load_state_dict(payload["model"])
+    metrics = evaluate_model(model, make_split(data, args.split, cfg.data.protocol, cfg.data.max_len), cfg, ctx)
+    if ctx.is_main:
+        path = os.path.join(args.run_dir, "metrics.json")
+        results = io.read_json(path) if io.exists(path) else {}
+        results[args.split] = metrics
+        io.write_json(path, results)
+        print(json.dumps(metrics))
+    return 0

@@ -1,0 +1,1 @@
+"""Full-ranking evaluation: ranks of the target item -> HR@K, NDCG@K, MRR."""
