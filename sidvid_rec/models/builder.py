@@ -52,7 +52,8 @@ def build_module(cfg: Config, data: SequenceData, table_device: str = "meta") ->
         dropout=m.dropout, attn_dropout=m.attn_dropout, num_time_buckets=m.num_time_buckets,
         attention_scale=m.attention_scale,
     )
-    loss = SampledSoftmaxLoss(num_items=data.num_items, num_negatives=cfg.loss.num_negatives, temperature=cfg.loss.temperature)
+    loss = SampledSoftmaxLoss(num_items=data.num_items, num_negatives=cfg.loss.num_negatives, temperature=cfg.loss.temperature,
+                              shared=cfg.loss.shared_negatives)
     return HSTURecommender(embeddings, encoder, loss)
 
 

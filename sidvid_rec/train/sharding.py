@@ -11,7 +11,7 @@ into full tensors on rank 0, which is what checkpoints and exports store, so the
 onto any number of ranks.
 """
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from sidvid_rec.train.optimizers import apply_embedding_optimizer, dense_optimiz
 require_fbgemm()
 
 from torch.distributed._shard.sharded_tensor import ShardedTensor  # noqa: E402
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel  # noqa: E402
 from torchrec.distributed.model_parallel import DistributedModelParallel  # noqa: E402
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology  # noqa: E402
 from torchrec.distributed.sharding_plan import (  # noqa: E402
@@ -72,9 +73,13 @@ def sharding_plan(model: nn.Module, sharding: str, ctx: DistContext) -> Sharding
             per_table = {name: column_wise(ranks=ranks) for name in tables}
         return ShardingPlan({_ebc_path(model): construct_module_sharding_plan(
             ebc, per_param_sharding=per_table, world_size=ctx.world_size, device_type="cpu")})
-    constraints: Optional[Dict[str, ParameterConstraints]] = None
-    if sharding != "auto":
-        constraints = {name: ParameterConstraints(sharding_types=[_SHARDING_TYPES[sharding]]) for name in tables}
+    # Pin the fused kernel: on tiny tables the planner would otherwise pick data-parallel with
+    # the dense kernel, which silently drops the in-backward table optimizer.
+    sharding_types = list(_SHARDING_TYPES.values())[:3] if sharding == "auto" else [_SHARDING_TYPES[sharding]]
+    kernels = [EmbeddingComputeKernel.DENSE.value] if sharding == "data_parallel" else [EmbeddingComputeKernel.FUSED.value]
+    constraints: Dict[str, ParameterConstraints] = {
+        name: ParameterConstraints(sharding_types=sharding_types, compute_kernels=kernels) for name in tables
+    }
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=ctx.world_size, compute_device=compute_device), constraints=constraints
     )
@@ -140,6 +145,24 @@ def gather_state_dict(state: Any) -> Any:
     return state
 
 
+def _fill_shards(current: Any, full: Any) -> Any:
+    """Copies slices of the full tensors in ``full`` into the local shards of ``current``."""
+    if isinstance(current, ShardedTensor):
+        for shard in current.local_shards():
+            index = tuple(slice(o, o + n) for o, n in zip(shard.metadata.shard_offsets, shard.metadata.shard_sizes))
+            shard.tensor.copy_(full[index])
+        return current
+    if isinstance(current, dict):
+        return {k: _fill_shards(v, full[k]) for k, v in current.items()}
+    if isinstance(current, (list, tuple)):
+        return type(current)(_fill_shards(c, f) for c, f in zip(current, full))
+    return full
+
+
 def load_full_state_dict(module: Any, state: Dict[str, Any]) -> None:
-    """Loads full (gathered) tensors into a possibly sharded module or fused optimizer."""
-    module.load_state_dict(state)
+    """Loads full (gathered) tensors into a possibly sharded module or fused optimizer.
+
+    Each rank keeps the slices its shards own, so a checkpoint written by any number of
+    ranks loads onto any other number.
+    """
+    module.load_state_dict(_fill_shards(module.state_dict(), state))
