@@ -33,6 +33,7 @@ Sharding = Literal["auto", "table_wise", "row_wise", "column_wise", "data_parall
 EmbeddingOptimizer = Literal["auto", "rowwise_adagrad", "adagrad", "sgd", "adam"]
 Device = Literal["auto", "cpu", "cuda"]
 AttentionScale = Literal["length", "max_len"]
+CobraQueryTime = Literal["target", "own"]
 
 
 @dataclass
@@ -61,6 +62,12 @@ class SidsConfig:
     """Items encoded per forward pass."""
     max_tokens: int = 128
     """Item texts are truncated to this many tokens."""
+    tfidf_dim: int = 256
+    """Width of the ``tfidf`` encoder (TruncatedSVD components; capped by vocabulary and corpus size)."""
+    text_device: Device = "auto"
+    """Where the HF text encoder runs; ``auto``: CUDA when available."""
+    embed_cache_dir: str = ""
+    """Embedding cache keyed by (encoder, text); empty = ``<data.cache_dir>/embeddings``."""
     layers: int = 3
     """Residual k-means layers L."""
     codebook_size: int = 256
@@ -75,6 +82,10 @@ class SidsConfig:
     """Lloyd iterations of the initial (FAISS) k-means per layer."""
     balance_iters: int = 50
     """Maximum rebalancing rounds per layer."""
+    max_points_per_code: int = 256
+    """k-means and balancing rounds use at most this many points per code (a seeded sample); all items get codes."""
+    threads: int = 0
+    """FAISS threads of the k-means; 0 = library default (all cores). 1 is faster on an oversubscribed machine."""
     seed: int = 0
     """Seed of the k-means initialisation."""
     dir: str = ""
@@ -109,6 +120,10 @@ class ModelConfig:
     """Rows of the SID-prefix table; 0 = one row per distinct prefix (no hash collisions)."""
     text_projection: bool = False
     """COBRA: add a projection of the item's text embedding to its VID token."""
+    cobra_sid_layers: int = 0
+    """COBRA: SID = the first this many code layers (coarser SIDs); 0 = all layers."""
+    cobra_query_time: CobraQueryTime = "target"
+    """COBRA time-bias query time: ``target`` (of the step a token generates) or ``own`` (the token's)."""
 
 
 @dataclass
@@ -123,6 +138,12 @@ class LossConfig:
     """COBRA VID negative pool: in-batch only, plus R global negatives, or a memory queue."""
     queue_size: int = 4096
     """COBRA: item vectors kept in the cross-batch memory queue."""
+    vid_num_negatives: int = 0
+    """COBRA ``in_batch_global``: R global VID negatives; 0 = ``num_negatives``."""
+    vid_max_in_batch: int = 0
+    """COBRA: cap on in-batch VID pool entries (a uniform subset); 0 = every position of the batch."""
+    shared_negatives: bool = False
+    """Sampled softmax: one set of R negatives for the whole batch (cheap) instead of R per position (reference)."""
 
 
 @dataclass
@@ -155,6 +176,8 @@ class TrainConfig:
     """``auto``: CUDA when available."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = no limit); for smoke tests."""
+    checkpoint_every: int = 0
+    """Also checkpoint every this many optimizer steps inside an epoch (0 = at epoch ends only)."""
 
 
 @dataclass

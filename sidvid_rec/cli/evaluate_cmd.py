@@ -45,8 +45,7 @@ def run(args: argparse.Namespace) -> int:
     ctx = init_distributed(cfg.train.device)
     data = load_sequences(cfg.data)
     model = build_model(cfg, data, ctx)
-    payload = ckpt.load_checkpoint(best, ckpt.model_fingerprint(cfg, data.num_items))
-    model.load_state_dict(payload["model"])
+    ckpt.load_model_weights(best, model, ckpt.model_fingerprint(cfg, data.num_items))
     metrics = evaluate_model(model, make_split(data, args.split, cfg.data.protocol, cfg.data.max_len), cfg, ctx)
     if ctx.is_main:
         path = os.path.join(args.run_dir, "metrics.json")

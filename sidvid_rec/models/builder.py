@@ -17,6 +17,7 @@ from sidvid_rec.errors import ArtifactError, ConfigError
 from sidvid_rec.eval.metrics import RankMetrics
 from sidvid_rec.eval.ranking import evaluate_ranking, summarize
 from sidvid_rec.losses import SampledSoftmaxLoss
+from sidvid_rec.models.cobra_builder import build_cobra_module, evaluate_cobra
 from sidvid_rec.models.hstu_rec import HSTURecommender
 from sidvid_rec.modules.embeddings import ItemEmbeddings
 from sidvid_rec.modules.hstu import HSTUEncoder
@@ -40,9 +41,11 @@ def load_sid_codes(cfg: Config, data: SequenceData) -> Optional[np.ndarray]:
     return artifacts.codes
 
 
-def build_module(cfg: Config, data: SequenceData, table_device: str = "meta") -> HSTURecommender:
+def build_module(cfg: Config, data: SequenceData, table_device: str = "meta") -> nn.Module:
     """The unsharded model; tables on ``table_device`` (``meta``: DMP materialises the shards)."""
     m = cfg.model
+    if m.mode == "cobra":
+        return build_cobra_module(cfg, data, load_sid_codes(cfg, data), table_device)
     embeddings = ItemEmbeddings.from_codes(
         num_items=data.num_items, dim=m.dim, mode=m.mode, codes=load_sid_codes(cfg, data),
         sid_table_size=m.sid_table_size, fusion=m.fusion, device=table_device,
@@ -59,8 +62,6 @@ def build_module(cfg: Config, data: SequenceData, table_device: str = "meta") ->
 
 def build_model(cfg: Config, data: SequenceData, ctx: DistContext) -> nn.Module:
     """The model wrapped in DistributedModelParallel (sharded tables, fused table optimizer)."""
-    if cfg.model.mode == "cobra":
-        raise ConfigError("model.mode=cobra is not available yet")
     from sidvid_rec.train.sharding import distribute
 
     module = build_module(cfg, data, table_device="meta")
@@ -79,7 +80,10 @@ def evaluate_model(model: nn.Module, split: Split, cfg: Config, ctx: DistContext
     was_training = model.training
     model.eval()
     batches = BatchIterator(split, cfg.eval.batch_size, shuffle=False, rank=ctx.rank, world_size=ctx.world_size)
-    metrics = evaluate_ranking(unwrap(model), batches, cfg.eval.ks, cfg.eval.filter_history, ctx.device)
+    if cfg.model.mode == "cobra":
+        metrics = evaluate_cobra(unwrap(model), batches, cfg, ctx)
+    else:
+        metrics = evaluate_ranking(unwrap(model), batches, cfg.eval.ks, cfg.eval.filter_history, ctx.device)
     reduced = RankMetrics(cfg.eval.ks)
     reduced.load_state(all_reduce_sum(metrics.state(), ctx))
     model.train(was_training)

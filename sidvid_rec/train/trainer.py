@@ -3,7 +3,9 @@
 Run directory layout::
 
     RUN_DIR/config.yaml          resolved config (what was trained)
-    RUN_DIR/checkpoints/         epoch-<n>.pt (newest two) and best.pt, each written atomically
+    RUN_DIR/checkpoints/         epoch-<n>.pt (newest two), step-<n>.pt (mid-epoch), best.pt:
+                                 commit records of torch.distributed.checkpoint directories
+                                 (train/checkpoint.py), each written atomically
     RUN_DIR/history.json         per-epoch loss and validation metrics
     RUN_DIR/metrics.json         {"valid": {...}, "test": {...}} of the best checkpoint
     RUN_DIR/tb/                  TensorBoard scalars
@@ -13,12 +15,21 @@ kept and training stops after ``train.patience`` evaluations without improvement
 ``protocol: gr`` there is no validation split (generative-recommenders protocol), so no
 selection is done: the last epoch is the "best" one and test metrics are logged per epoch
 for the learning curve only.
+
+Distributed: launched by ``torchrun``/TorchX, every rank runs this same recipe; each reads
+its slice of every global batch, the tables are sharded (train/sharding.py), metrics are
+reduced over ranks, and each rank's loss is scaled to its share of the global-batch mean, so
+that the averaged gradients equal one process's (with ``model.dropout=0`` and
+``loss.shared_negatives=true`` N ranks then train the very same model as one process). With ``train.resume=true`` training continues from the
+furthest checkpoint (an epoch end or, with ``train.checkpoint_every``, a step inside an
+epoch), on the same or another number of ranks; without it a run directory's old
+checkpoints are removed first, so a later resume can never pick up a stale run.
 """
 
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -27,11 +38,11 @@ from sidvid_rec import io
 from sidvid_rec.config import Config, config_from_dict, dump_config
 from sidvid_rec.data import load_sequences, make_split
 from sidvid_rec.data.batches import BatchIterator
-from sidvid_rec.errors import ArtifactError
+from sidvid_rec.errors import ArtifactError, ConfigError
 from sidvid_rec.models.builder import build_model, evaluate_model
 from sidvid_rec.train import checkpoint as ckpt
 from sidvid_rec.train.distributed import DistContext, all_reduce_sum, barrier, init_distributed
-from sidvid_rec.train.sharding import TrainingOptimizers, build_optimizers, gather_state_dict
+from sidvid_rec.train.sharding import TrainingOptimizers, build_optimizers
 
 SELECT_METRIC = "ndcg@10"
 
@@ -62,16 +73,50 @@ def prepare_run_dir(cfg: Config, run_dir: str, ctx: DistContext) -> None:
     barrier(ctx)
 
 
-def _seed_everything(seed: int, rank: int) -> None:
-    # Dense parameters start identical on every rank (DDP also broadcasts them); dropout and
-    # negative sampling differ per rank through the generator seeded with the rank below.
-    torch.manual_seed(seed)
+def _seed_streams(cfg: Config, rank: int, step: int, generator: torch.Generator) -> None:
+    """Seeds the random streams: dropout (global torch RNG, per rank) and negative sampling.
+
+    Negatives are drawn per rank, except ``loss.shared_negatives``: one set for the whole
+    global batch, so every rank draws the same set (as one process would).
+    """
+    seed = cfg.train.seed
+    torch.manual_seed(seed * 1000 + 500 + rank + 7919 * step)
+    generator.manual_seed(seed * 1000 + (0 if cfg.loss.shared_negatives else rank) + 7919 * step)
+
+
+def _global_mean_scale(num_positions: int, ctx: DistContext) -> float:
+    """Factor that turns this rank's mean loss into its share of the global-batch mean.
+
+    DDP and the fused table optimizer average gradients over ranks; each rank's loss is a
+    mean over its own positions. Scaling by ``W * n_rank / n_global`` makes the averaged
+    gradient the gradient of the mean over the whole global batch, as in one process.
+    """
+    if ctx.world_size == 1:
+        return 1.0
+    total = all_reduce_sum(torch.tensor([float(num_positions)], dtype=torch.float64), ctx)
+    return ctx.world_size * num_positions / max(float(total[0]), 1.0)
+
+
+@dataclass
+class Position:
+    """Where to continue inside the epoch ``TrainState.epoch`` (restored from a checkpoint)."""
+
+    batch: int = 0
+    """Batches of that epoch already trained."""
+    loss_sum: float = 0.0
+    """Sum over ranks and trained batches of the batch losses (the epoch's mean loss continues)."""
+    loss_count: float = 0.0
+    """Batches behind ``loss_sum``, summed over ranks."""
 
 
 def run_training(cfg: Config, run_dir: str, ctx: Optional[DistContext] = None) -> Dict[str, Dict[str, float]]:
     """Trains ``cfg`` into ``run_dir`` and returns the best checkpoint's metrics."""
     ctx = ctx or init_distributed(cfg.train.device)
-    _seed_everything(cfg.train.seed, ctx.rank)
+    if cfg.train.checkpoint_every < 0:
+        raise ConfigError(f"train.checkpoint_every must be >= 0, got {cfg.train.checkpoint_every}")
+    # Dense parameters start identical on every rank (DDP also broadcasts them); tables are
+    # drawn from seeded generators independent of the world size (sharding.init_tables).
+    torch.manual_seed(cfg.train.seed)
     data = load_sequences(cfg.data, write_cache=ctx.is_main)
     train_split = make_split(data, "train", cfg.data.protocol, cfg.data.max_len)
     select = selection_split(cfg.data.protocol)
@@ -80,20 +125,26 @@ def run_training(cfg: Config, run_dir: str, ctx: Optional[DistContext] = None) -
     model = build_model(cfg, data, ctx)
     optimizers = build_optimizers(model, cfg.train, ctx)
     fingerprint = ckpt.model_fingerprint(cfg, data.num_items)
-    state = TrainState()
-    generator = torch.Generator(device="cpu").manual_seed(cfg.train.seed * 1000 + ctx.rank)
+    generator = torch.Generator(device="cpu")
+    _seed_streams(cfg, ctx.rank, 0, generator)
+    state, position = TrainState(), Position()
 
-    if cfg.train.resume:
-        latest = ckpt.latest_checkpoint(run_dir)
-        if latest is not None:
-            state = _restore(latest, fingerprint, model, optimizers, generator)
+    latest = ckpt.latest_checkpoint(run_dir) if cfg.train.resume else None
+    if latest is not None:
+        state, position = _restore(latest, fingerprint, model, optimizers, generator, cfg, ctx)
+    elif ctx.is_main:
+        removed = ckpt.clear_checkpoints(run_dir)
+        if removed:
+            tqdm.write(f"fresh run (train.resume=false): removed {removed} old checkpoint(s) of {run_dir}")
     prepare_run_dir(cfg, run_dir, ctx)
 
     batches = BatchIterator(train_split, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
                             rank=ctx.rank, world_size=ctx.world_size)
     writer = _tensorboard(run_dir) if ctx.is_main else None
     for epoch in range(state.epoch, cfg.train.epochs):
-        loss = _train_epoch(model, optimizers, batches, epoch, state, generator, cfg, ctx, writer)
+        loss = _train_epoch(model, optimizers, batches, epoch, state, position, generator, cfg, ctx, run_dir,
+                            fingerprint, writer)
+        position = Position()
         state.epoch = epoch + 1
         record: Dict[str, float] = {"epoch": state.epoch, "loss": loss, "step": state.step}
         stop = False
@@ -105,7 +156,8 @@ def run_training(cfg: Config, run_dir: str, ctx: Optional[DistContext] = None) -
                 for k, v in metrics.items():
                     writer.add_scalar(f"{select}/{k}", v, state.epoch)
         state.history.append(record)
-        _save(run_dir, model, optimizers, generator, state, fingerprint, ctx, is_best=state.best_epoch == state.epoch)
+        _save(run_dir, f"epoch-{state.epoch}", model, optimizers, generator, state, position, fingerprint, cfg, ctx,
+              is_best=state.best_epoch == state.epoch)
         if ctx.is_main:
             io.write_json(os.path.join(run_dir, "history.json"), state.history)
             tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
@@ -117,27 +169,36 @@ def run_training(cfg: Config, run_dir: str, ctx: Optional[DistContext] = None) -
 
 
 def _train_epoch(model, optimizers: TrainingOptimizers, batches: BatchIterator, epoch: int, state: TrainState,
-                 generator: torch.Generator, cfg: Config, ctx: DistContext, writer) -> float:
+                 position: Position, generator: torch.Generator, cfg: Config, ctx: DistContext, run_dir: str,
+                 fingerprint: str, writer) -> float:
+    """Trains one epoch from batch ``position.batch``; returns the epoch's mean loss over ranks."""
     model.train()
-    batches.set_epoch(epoch)
-    total, count = torch.zeros(2, dtype=torch.float64), 0
-    progress = tqdm(batches, total=len(batches), desc=f"epoch {epoch + 1}", disable=not ctx.is_main,
-                    leave=False, dynamic_ncols=True)
-    for batch in progress:
+    batches.set_epoch(epoch, start_batch=position.batch)
+    # Rank 0 carries the (already reduced) totals of the batches trained before a resume.
+    total = torch.tensor([position.loss_sum, position.loss_count] if ctx.is_main else [0.0, 0.0], dtype=torch.float64)
+    every = cfg.train.checkpoint_every
+    progress = tqdm(batches, total=len(batches), initial=position.batch, desc=f"epoch {epoch + 1}",
+                    disable=not ctx.is_main, leave=False, dynamic_ncols=True)
+    for index, batch in enumerate(progress, start=position.batch):
         batch = batch.to(ctx.device)
         out = model(batch, generator=generator)
+        scale = _global_mean_scale(out.num_positions, ctx)
         optimizers.zero_grad()
-        out.loss.backward()
+        (out.loss * scale).backward()
         optimizers.step()
         state.step += 1
-        total += torch.tensor([float(out.loss.detach()), 1.0], dtype=torch.float64)
-        count += 1
+        # Summed over ranks, loss * scale is W times the global-batch mean (and 1 is W).
+        total += torch.tensor([float(out.loss.detach()) * scale, 1.0], dtype=torch.float64)
         if ctx.is_main and state.step % 10 == 0:
             progress.set_postfix(loss=f"{float(out.loss.detach()):.4f}")
             if writer is not None:
                 writer.add_scalar("train/loss", float(out.loss.detach()), state.step)
         if cfg.train.max_steps and state.step >= cfg.train.max_steps:
             break
+        if every and state.step % every == 0 and index + 1 < len(batches):
+            reduced = all_reduce_sum(total.clone(), ctx)
+            here = Position(index + 1, float(reduced[0]), float(reduced[1]))
+            _save(run_dir, f"step-{state.step}", model, optimizers, generator, state, here, fingerprint, cfg, ctx)
     total = all_reduce_sum(total, ctx)
     return float(total[0] / max(total[1], 1.0))
 
@@ -154,30 +215,46 @@ def _update_selection(state: TrainState, value: float, cfg: Config) -> bool:
     return state.evals_without_improvement >= cfg.train.patience
 
 
-def _save(run_dir, model, optimizers, generator, state, fingerprint, ctx, is_best: bool) -> None:
-    payload = {
-        "fingerprint": fingerprint,
-        "model": gather_state_dict(model.state_dict()),
-        "optimizers": optimizers.state_dict(),
-        "train_state": asdict(state),
-        "rng": {"torch": torch.get_rng_state(), "generator": generator.get_state()},
-        "world_size": ctx.world_size,
-    }
+def _checkpoint_state(model, optimizers: TrainingOptimizers, generator: torch.Generator, ctx: DistContext,
+                      with_rng: bool = True) -> Dict[str, object]:
+    """What a checkpoint holds: model (sharded tables + dense), both optimizers, this rank's RNG."""
+    state: Dict[str, object] = {"model": model.state_dict(), "optim": optimizers.checkpoint_state()}
+    if with_rng:
+        state["rng"] = {f"rank{ctx.rank}": {"torch": torch.get_rng_state(), "generator": generator.get_state()}}
+    return state
+
+
+def _save(run_dir: str, name: str, model, optimizers: TrainingOptimizers, generator: torch.Generator,
+          state: TrainState, position: Position, fingerprint: str, cfg: Config, ctx: DistContext,
+          is_best: bool = False) -> None:
+    record = ckpt.CheckpointRecord(
+        name=name, fingerprint=fingerprint, epoch=state.epoch, batch=position.batch, step=state.step,
+        world_size=ctx.world_size, sharding=cfg.train.sharding, train_state=asdict(state),
+        extra={"loss_sum": position.loss_sum, "loss_count": position.loss_count},
+    )
+    ckpt.save_checkpoint(run_dir, _checkpoint_state(model, optimizers, generator, ctx), record, ctx, is_best=is_best)
+
+
+def _restore(path: str, fingerprint: str, model, optimizers: TrainingOptimizers, generator: torch.Generator,
+             cfg: Config, ctx: DistContext) -> Tuple[TrainState, Position]:
+    """Loads a checkpoint into the live model/optimizers (any world size); returns where to continue."""
+    record = ckpt.read_record(path, fingerprint)
+    same_ranks = record.world_size == ctx.world_size
+    state = _checkpoint_state(model, optimizers, generator, ctx, with_rng=same_ranks)
+    ckpt.load_checkpoint(path, state, fingerprint)
+    model.load_state_dict(state["model"])
+    optimizers.load_checkpoint_state(state["optim"])
+    if same_ranks:
+        rng = state["rng"][f"rank{ctx.rank}"]
+        torch.set_rng_state(rng["torch"])
+        generator.set_state(rng["generator"])
+    else:  # RNG streams are per rank: a new world size gets fresh streams, seeded by the step
+        _seed_streams(cfg, ctx.rank, record.step, generator)
     if ctx.is_main:
-        ckpt.save_checkpoint(run_dir, f"epoch-{state.epoch}.pt", payload)
-        if is_best:
-            ckpt.save_checkpoint(run_dir, "best.pt", payload)
-    barrier(ctx)
-
-
-def _restore(path, fingerprint, model, optimizers, generator) -> TrainState:
-    payload = ckpt.load_checkpoint(path, fingerprint)
-    model.load_state_dict(payload["model"])
-    optimizers.load_state_dict(payload["optimizers"])
-    torch.set_rng_state(payload["rng"]["torch"])
-    generator.set_state(payload["rng"]["generator"])
-    tqdm.write(f"resumed from {path} (epoch {payload['train_state']['epoch']})")
-    return TrainState(**payload["train_state"])
+        note = "" if same_ranks else f"; {record.world_size} -> {ctx.world_size} ranks, random streams re-seeded"
+        tqdm.write(f"resumed from {path} (epoch {record.epoch}, batch {record.batch}, step {record.step}{note})")
+    position = Position(record.batch, float(record.extra.get("loss_sum", 0.0)), float(record.extra.get("loss_count", 0.0)))
+    return TrainState(**record.train_state), position
 
 
 def _tensorboard(run_dir: str):
@@ -200,12 +277,11 @@ def finalize(cfg: Config, run_dir: str, ctx: DistContext) -> Dict[str, Dict[str,
     """Evaluates the best checkpoint on every split and writes ``metrics.json``."""
     data = load_sequences(cfg.data)
     model = build_model(cfg, data, ctx)
-    payload = ckpt.load_checkpoint(ckpt.best_checkpoint(run_dir), ckpt.model_fingerprint(cfg, data.num_items))
-    model.load_state_dict(payload["model"])
+    record = ckpt.load_model_weights(ckpt.best_checkpoint(run_dir), model, ckpt.model_fingerprint(cfg, data.num_items))
     splits = ["valid", "test"] if cfg.data.protocol == "loo" else ["test"]
     results = {s: evaluate_model(model, make_split(data, s, cfg.data.protocol, cfg.data.max_len), cfg, ctx)
                for s in splits}
-    results["best_epoch"] = payload["train_state"]["best_epoch"]
+    results["best_epoch"] = record.train_state["best_epoch"]
     if ctx.is_main:
         io.write_json(os.path.join(run_dir, "metrics.json"), results)
     return results

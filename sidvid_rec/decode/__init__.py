@@ -1,0 +1,33 @@
+"""COBRA decoders: ``direct``, ``neighbor``, ``soft`` and ``beam`` (SPEC section 7).
+
+Example::
+
+    ctx = DecodeContext(model, sid_table, index, DecoderSettings(beam_size=5))
+    top = decode("beam", ctx, batch, k=10)          # top.items [B, 10], distinct, no history
+"""
+
+from typing import Callable, Dict
+
+from sidvid_rec.data.batches import SequenceBatch
+from sidvid_rec.decode.base import DecodeContext, DecoderKind, DecoderSettings, TopK
+from sidvid_rec.decode.beam import decode_beam
+from sidvid_rec.decode.direct import decode_direct
+from sidvid_rec.decode.neighbor import decode_neighbor
+from sidvid_rec.decode.soft import decode_soft
+
+DECODERS: Dict[str, Callable[[DecodeContext, SequenceBatch, int], TopK]] = {
+    "direct": decode_direct,
+    "neighbor": decode_neighbor,
+    "soft": decode_soft,
+    "beam": decode_beam,
+}
+
+
+def decode(kind: DecoderKind, ctx: DecodeContext, batch: SequenceBatch, k: int) -> TopK:
+    """Top-``k`` distinct items of every example of ``batch`` with decoder ``kind``."""
+    if kind not in DECODERS:
+        raise ValueError(f"unknown decoder {kind!r}; choose one of {', '.join(DECODERS)}")
+    return DECODERS[kind](ctx, batch, k)
+
+
+__all__ = ["DECODERS", "DecodeContext", "DecoderKind", "DecoderSettings", "TopK", "decode"]

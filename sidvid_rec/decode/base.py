@@ -1,0 +1,114 @@
+"""What every COBRA decoder shares: settings, the model protocol, history-filtered retrieval.
+
+A decoder turns an evaluation batch into ``K`` distinct items per example, none from the
+example's history (when filtering is on), best first. SIDs are scored as whole tuples against
+the catalogue of *valid* SIDs (``sid_table [S, D]``: the distinct code tuples of the item
+set), which plays the role of a trie over valid SIDs: no decoder can ever produce a SID that
+no item carries. Items are retrieved from a FAISS index over the VID vectors
+(:class:`~sidvid_rec.retrieval.VidIndex`).
+"""
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Protocol, Tuple
+
+import torch
+from torch import Tensor
+
+from sidvid_rec.data.batches import SequenceBatch
+from sidvid_rec.retrieval import SearchResult, VidIndex
+
+DecoderKind = Literal["direct", "neighbor", "soft", "beam"]
+BeamFuse = Literal["prod", "sum", "softmax"]
+
+
+class DecoderSettings(NamedTuple):
+    """Flat decoder knobs (filled from ``EvalConfig`` by the builder)."""
+
+    soft_k: int = 5
+    """``soft``: top-k SIDs mixed."""
+    soft_tau: float = 0.5
+    """``soft``: weights are softmax(cosine / soft_tau)."""
+    beam_size: int = 5
+    """``beam``: SIDs kept."""
+    beam_ann: int = 50
+    """``beam``: items retrieved per SID (at least K are retrieved, so K distinct items exist)."""
+    beam_fuse: BeamFuse = "prod"
+    """``beam``: fusion of SID and VID scores."""
+    alpha: float = 0.5
+    """``beam``: SID weight (``prod``/``sum``) or SID logit multiplier (``softmax``)."""
+    beta: float = 1.0
+    """``beam`` with ``softmax``: VID logit multiplier."""
+
+
+class CobraDecodingModel(Protocol):
+    """The parts of :class:`~sidvid_rec.models.cobra.CobraRecommender` a decoder uses."""
+
+    temperature: float
+
+    def prepare(self, batch: SequenceBatch):
+        """History tokens + a placeholder next step (opaque to decoders)."""
+
+    def next_sid_states(self, inputs) -> Tensor:
+        """``[B, D]`` states predicting the next SID."""
+
+    def vid_queries(self, inputs, next_sid: Tensor) -> Tensor:
+        """``[B, D]`` VID queries given the appended SID embedding ``[B, D]``."""
+
+    def sid_logits(self, states: Tensor, sid_table: Tensor) -> Tensor:
+        """``[B, S]`` cosine / temperature."""
+
+
+@dataclass
+class DecodeContext:
+    """Everything a decoder needs besides the batch (built once per evaluation)."""
+
+    model: CobraDecodingModel
+    sid_table: Tensor
+    """``[S, D]`` raw SID vectors of the valid SIDs (what gets appended)."""
+    index: VidIndex
+    """FAISS index over the L2-normalised VID vectors of items 1..N."""
+    settings: DecoderSettings
+    filter_history: bool = True
+
+
+class TopK(NamedTuple):
+    items: Tensor
+    """``[B, K]`` item ids, best first (``MISSING_ID`` only if the catalogue runs out)."""
+    scores: Tensor
+    """``[B, K]`` the decoder's ranking score of each item."""
+
+
+def retrieve(ctx: DecodeContext, batch: SequenceBatch, queries: Tensor, k: int) -> SearchResult:
+    """ANN top-``k`` of ``queries [B, D]``, the batch's history items removed when filtering."""
+    if not ctx.filter_history:
+        return ctx.index.search(queries, k)
+    history = batch.jagged("item_id")
+    return ctx.index.search_excluding(queries, k, history.values(), history.offsets())
+
+
+def sid_scores(ctx: DecodeContext, inputs) -> Tensor:
+    """``[B, S]`` SID logits (cosine / temperature) of the next step over the valid SIDs."""
+    return ctx.model.sid_logits(ctx.model.next_sid_states(inputs), ctx.sid_table)
+
+
+def top_sids(logits: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """``(logits [B, k'], sid index [B, k'])`` with ``k' = min(k, S)``, best first."""
+    top = logits.topk(min(k, logits.shape[1]), dim=1)
+    return top.values, top.indices
+
+
+def as_topk(hits: SearchResult) -> TopK:
+    return TopK(hits.ids, hits.scores)
+
+
+def cosine_from_logits(logits: Tensor, temperature: float) -> Tensor:
+    return logits * temperature
+
+
+def first_occurrence(items: Tensor) -> Tensor:
+    """``[B, M]`` bool: True at the first (leftmost) occurrence of each id in its row."""
+    order = torch.sort(items, dim=1, stable=True).indices  # equal ids keep their left-to-right order
+    ranked = items.gather(1, order)
+    first_sorted = torch.ones_like(ranked, dtype=torch.bool)
+    first_sorted[:, 1:] = ranked[:, 1:] != ranked[:, :-1]
+    return torch.zeros_like(first_sorted).scatter(1, order, first_sorted)

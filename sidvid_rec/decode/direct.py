@@ -1,0 +1,16 @@
+"""``direct``: top-1 SID from the state after the history, appended; its VID query; ANN top-K.
+
+Only the history's items are filtered from the final list (the predicted SID is not used as
+a filter, so the target is never masked by a wrong SID).
+"""
+
+from sidvid_rec.data.batches import SequenceBatch
+from sidvid_rec.decode.base import DecodeContext, TopK, as_topk, retrieve, sid_scores
+
+
+def decode_direct(ctx: DecodeContext, batch: SequenceBatch, k: int) -> TopK:
+    """``k`` items per example of ``batch`` (``TopK.items [B, k]``)."""
+    inputs = ctx.model.prepare(batch)
+    best = sid_scores(ctx, inputs).argmax(dim=1)  # [B]
+    queries = ctx.model.vid_queries(inputs, ctx.sid_table[best])  # [B, D]
+    return as_topk(retrieve(ctx, batch, queries, k))

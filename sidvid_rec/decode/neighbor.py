@@ -1,0 +1,30 @@
+"""``neighbor``: like ``direct``, but the predicted SID is replaced by its nearest other valid
+SID (cosine between SID vectors, itself excluded) before the VID query: robustness to a
+biased cluster centre or an unstable top-1."""
+
+from torch import Tensor
+
+from sidvid_rec.data.batches import SequenceBatch
+from sidvid_rec.decode.base import DecodeContext, TopK, as_topk, retrieve, sid_scores
+from sidvid_rec.losses import l2_normalize
+
+
+def nearest_other_sid(sid_table: Tensor, sids: Tensor) -> Tensor:
+    """``[B]`` index of the valid SID closest to each of ``sids [B]`` (never itself).
+
+    With a single valid SID there is no other one: it is returned unchanged.
+    """
+    if sid_table.shape[0] < 2:
+        return sids
+    keys = l2_normalize(sid_table)  # [S, D]
+    sims = keys[sids] @ keys.T  # [B, S]
+    sims.scatter_(1, sids.unsqueeze(1), float("-inf"))
+    return sims.argmax(dim=1)
+
+
+def decode_neighbor(ctx: DecodeContext, batch: SequenceBatch, k: int) -> TopK:
+    inputs = ctx.model.prepare(batch)
+    best = sid_scores(ctx, inputs).argmax(dim=1)
+    neighbor = nearest_other_sid(ctx.sid_table, best)
+    queries = ctx.model.vid_queries(inputs, ctx.sid_table[neighbor])
+    return as_topk(retrieve(ctx, batch, queries, k))

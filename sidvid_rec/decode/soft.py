@@ -1,0 +1,22 @@
+"""``soft``: the top-k SIDs (default 5) mixed into one appended embedding
+``sum_j w_j sid_vec_j`` with ``w = softmax(cosine_j / tau)`` (default tau 0.5): the SID is
+treated as a distribution rather than a hard token."""
+
+import torch
+
+from sidvid_rec.data.batches import SequenceBatch
+from sidvid_rec.decode.base import DecodeContext, TopK, as_topk, cosine_from_logits, retrieve, sid_scores, top_sids
+
+
+def soft_sid_embedding(ctx: DecodeContext, logits: torch.Tensor) -> torch.Tensor:
+    """``logits [B, S]`` -> weighted SID embedding ``[B, D]``."""
+    values, sids = top_sids(logits, ctx.settings.soft_k)  # [B, k]
+    cosine = cosine_from_logits(values, ctx.model.temperature)
+    weights = torch.softmax(cosine / ctx.settings.soft_tau, dim=1)  # [B, k]
+    return (weights.unsqueeze(2) * ctx.sid_table[sids]).sum(dim=1)  # [B, D]
+
+
+def decode_soft(ctx: DecodeContext, batch: SequenceBatch, k: int) -> TopK:
+    inputs = ctx.model.prepare(batch)
+    queries = ctx.model.vid_queries(inputs, soft_sid_embedding(ctx, sid_scores(ctx, inputs)))
+    return as_topk(retrieve(ctx, batch, queries, k))

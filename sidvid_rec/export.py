@@ -1,0 +1,175 @@
+"""Export a trained run for retrieval: gathered tables, dense weights, FAISS index, manifest.
+
+``export_run(run_dir, out)`` reads a checkpoint's shards (written by any number of ranks)
+into full tensors in this one process, rebuilds the unsharded model on the CPU to compute
+every item's vector, and writes the directory described in
+:mod:`sidvid_rec.retrieval.export_index` atomically (built in a temporary directory, renamed
+into place), with the sha256 of every file in ``manifest.json``. Tables are cut back from
+their stored width (a multiple of 4, for fbgemm) to ``model.dim``.
+
+Example::
+
+    summary = export_run("runs/demo", "runs/demo/export")
+    model = load_export("runs/demo/export")   # sidvid_rec.retrieval.export_index
+"""
+
+import json
+import os
+from typing import Any, Dict, Literal, Sequence
+
+import safetensors.torch
+import torch
+
+from sidvid_rec import io
+from sidvid_rec.config import Config
+from sidvid_rec.data import SequenceData, load_sequences
+from sidvid_rec.errors import ArtifactError, ConfigError
+from sidvid_rec.retrieval import export_index as ex
+from sidvid_rec.retrieval.faiss_index import VidIndex
+from sidvid_rec.train import checkpoint as ckpt
+
+CheckpointChoice = Literal["best", "latest"]
+TABLE_PREFIX = "embeddings.ebc.embedding_bags."
+"""State-dict prefix of the TorchRec tables (``<prefix><table>.weight``)."""
+
+
+def _record_path(run_dir: str, which: str) -> str:
+    if which == "best":
+        return ckpt.best_checkpoint(run_dir)
+    if which == "latest":
+        latest = ckpt.latest_checkpoint(run_dir)
+        if latest is None:
+            raise ArtifactError(f"run directory {run_dir} has no checkpoint; train first")
+        return latest
+    return which  # an explicit record path
+
+
+def split_state(state: Dict[str, torch.Tensor], dim: int) -> Dict[str, Dict[str, torch.Tensor]]:
+    """``{"tables": {table: [rows, dim]}, "dense": {name: tensor}}`` from a full model state dict."""
+    tables, dense = {}, {}
+    for key, value in state.items():
+        if key.startswith(TABLE_PREFIX) and key.endswith(".weight"):
+            tables[key[len(TABLE_PREFIX):-len(".weight")]] = value[:, :dim].contiguous()
+        else:
+            dense[key] = value.contiguous()
+    return {"tables": tables, "dense": dense}
+
+
+@torch.no_grad()
+def item_vectors(module: torch.nn.Module, mode: str) -> Dict[str, torch.Tensor]:
+    """``{"inputs": [N+1, D], "candidates": [N+1, D] L2-normalised}`` of the unsharded model.
+
+    ``inputs`` is what the model looks up for a history item; ``candidates`` is what it
+    scores (what FAISS indexes). COBRA keeps SID and VID apart: its candidates are the VID
+    vectors (ID row + text projection), and ``sid_vectors [S, D]`` (one per valid SID, what a
+    decoder appends) is exported too.
+    """
+    if mode not in ex.RETRIEVABLE_MODES:
+        sid_table, candidates = module.decoding_tables()
+        inputs = module.vid_vectors(torch.arange(module.num_items + 1))
+        return {"inputs": inputs.contiguous(), "candidates": candidates.contiguous(),
+                "sid_vectors": sid_table.contiguous()}
+    inputs = module.embeddings.all_item_vectors()
+    candidates = inputs / inputs.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+    return {"inputs": inputs.contiguous(), "candidates": candidates.contiguous()}
+
+
+def _items_json(data: SequenceData) -> bytes:
+    raw = [r.item() if hasattr(r, "item") else r for r in data.item_raw_ids]
+    return json.dumps({"raw_ids": raw, "titles": list(data.item_title)}, ensure_ascii=False).encode("utf-8")
+
+
+def _copy_tree(src: str, dst: str) -> None:
+    io.mkdirs(dst)
+    for name in io.ls(src):
+        path = os.path.join(src, name)
+        if io.isdir(path):
+            _copy_tree(path, os.path.join(dst, name))
+            continue
+        with io.open_file(path, "rb") as f, io.open_file(os.path.join(dst, name), "wb") as g:
+            g.write(f.read())
+
+
+def _manifest(cfg: Config, data: SequenceData, record: ckpt.CheckpointRecord, run_dir: str,
+              tables: Dict[str, torch.Tensor], encoder_max_len: int) -> Dict[str, Any]:
+    m = cfg.model
+    metrics_path = os.path.join(run_dir, "metrics.json")
+    return {
+        "format": ex.FORMAT, "format_version": ex.FORMAT_VERSION,
+        "source": {"run_dir": io.expand(run_dir), "checkpoint": record.name, "epoch": record.epoch,
+                   "step": record.step, "fingerprint": record.fingerprint, "world_size": record.world_size},
+        "model": {"mode": m.mode, "dim": m.dim, "fusion": m.fusion, "sid_table_size": m.sid_table_size},
+        "encoder": {"max_len": encoder_max_len, "dim": m.dim, "num_blocks": m.num_blocks, "num_heads": m.num_heads,
+                    "dqk": m.dqk, "dv": m.dv, "num_time_buckets": m.num_time_buckets,
+                    "attention_scale": m.attention_scale},
+        "num_items": data.num_items, "data_fingerprint": data.fingerprint, "data_format": data.format,
+        "ids": "retrieve takes and prints the data set's raw item ids (items.json raw_ids); tensors are "
+               "indexed by internal ids 1..N (row 0 = padding)",
+        "filter_history": cfg.eval.filter_history,
+        "tables": {name: list(t.shape) for name, t in tables.items()},
+        "index": {"kind": cfg.retrieval.index, "vectors": "L2-normalised item vectors", "count": data.num_items,
+                  "ef_search": cfg.retrieval.ef_search, "nprobe": cfg.retrieval.nprobe},
+        "metrics": io.read_json(metrics_path) if io.exists(metrics_path) else None,
+    }
+
+
+def run_config(run_dir: str, overrides: Sequence[str] = ()) -> Config:
+    """The run's saved config with ``eval.*`` / ``retrieval.*`` overrides (nothing that shapes the model)."""
+    from sidvid_rec.config import config_from_dict, parse_override
+    from sidvid_rec.train.trainer import load_run_config
+
+    raw = load_run_config(run_dir).to_dict()
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section not in ("eval", "retrieval"):
+            raise ConfigError(f"export takes eval.* and retrieval.* overrides only, got {section}.{key}")
+        raw[section][key] = value
+    return config_from_dict(raw)
+
+
+def export_run(run_dir: str, out: str, checkpoint: str = "best", overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """Writes the export of ``run_dir``'s ``checkpoint`` (``best``, ``latest`` or a record path) to ``out``.
+
+    ``overrides``: ``eval.*`` / ``retrieval.*`` settings (index kind, history filtering).
+    Returns a summary (paths, shapes). Nothing is left at ``out`` unless the whole export
+    was written.
+    """
+    from sidvid_rec.models.builder import build_module
+
+    cfg = run_config(run_dir, overrides)
+    data = load_sequences(cfg.data)
+    fingerprint = ckpt.model_fingerprint(cfg, data.num_items)
+    record, full = ckpt.read_full_tensors(_record_path(run_dir, checkpoint), "model.", fingerprint)
+    module = build_module(cfg, data, table_device="cpu")
+    try:
+        module.load_state_dict(full)
+    except RuntimeError as e:
+        raise ArtifactError(f"checkpoint {record.name} of {run_dir} does not fit its config "
+                            f"({str(e).splitlines()[0][:160]})")
+    module.eval()
+    parts = split_state(full, cfg.model.dim)
+    vectors = item_vectors(module, cfg.model.mode)
+    r = cfg.retrieval
+    index = VidIndex.build(vectors["candidates"][1:], torch.arange(1, data.num_items + 1), kind=r.index,
+                           hnsw_m=r.hnsw_m, ef_search=r.ef_search, ivf_nlist=r.ivf_nlist, nprobe=r.nprobe)
+    blobs = {
+        ex.TABLES: safetensors.torch.save(parts["tables"]),
+        ex.DENSE: safetensors.torch.save(parts["dense"]),
+        ex.ITEM_VECTORS: safetensors.torch.save({"item_vectors": vectors["inputs"],
+                                                 **({"sid_vectors": vectors["sid_vectors"]} if "sid_vectors" in vectors else {})}),
+        ex.ITEMS: _items_json(data),
+    }
+    manifest = _manifest(cfg, data, record, run_dir, parts["tables"], module.encoder.max_len)  # COBRA: 2 tokens/item
+    out = io.expand(out)
+    with io.atomic_dir(out) as tmp:
+        index.save(os.path.join(tmp, ex.INDEX))
+        for name, blob in blobs.items():
+            with io.open_file(os.path.join(tmp, name), "wb") as f:
+                f.write(blob)
+        if cfg.model.mode != "id":
+            _copy_tree(io.expand(cfg.sids.dir), os.path.join(tmp, ex.SIDS_DIR))
+        files = ex.list_files(tmp)
+        manifest["files"] = {rel: io.sha256_file(os.path.join(tmp, rel)) for rel in files}
+        io.write_json(os.path.join(tmp, ex.MANIFEST), manifest)
+    return {"out": out, "checkpoint": record.name, "epoch": record.epoch, "items": data.num_items,
+            "tables": manifest["tables"], "files": len(files) + 1}

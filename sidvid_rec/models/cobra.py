@@ -1,0 +1,226 @@
+"""COBRA (Baidu, "Sparse Meets Dense", 2025): interleaved SID/VID generation on a jagged HSTU.
+
+Each history item (step) contributes two tokens: a SID token (its prefixN SID vector) and a
+VID token (its item-ID vector, plus a projection of its text embedding with
+``text_projection``), each plus a type embedding (SID=0, VID=1); see
+:mod:`sidvid_rec.modules.interleave` for the layout, cloned timestamps and positions.
+
+Training step (S = steps of the batch, B = sequences, T2 = 2 S - B tokens)::
+
+    steps = inputs + each sequence's last target            items [S], times [S], offsets [B+1]
+    x [T2, D] = interleave(sid_vec, vid_vec) + type_emb --HSTUEncoder--> h [T2, D]
+    L_sid: h at VID_t vs SID-space vectors of step t+1 (sampled softmax, R global negatives,
+           collisions = same SID -> -5e4)
+    L_vid: h at SID_t vs VID-space vector of step t (InfoNCE; pool: in-batch entries without
+           dedup, SID entries masked by is_sid; + global negatives or a memory queue)
+    L = L_sid + vid_weight * L_vid                           (one backward)
+
+SIDs are scored as whole tuples against the valid SIDs (the distinct code tuples of the
+item set), so a decoder can never produce an invalid SID; a SID's vector is the prefixN sum
+of any of its items (identical for all of them).
+
+Inference (:meth:`CobraRecommender.prepare`): the history's tokens plus one appended SID
+token (the next step, at the target's time). Its output is the VID query; the output at the
+last VID token is the state that predicts the next SID (causal: it does not see the
+appended token).
+"""
+
+from typing import NamedTuple, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sidvid_rec.data.batches import SequenceBatch
+from sidvid_rec.losses import CandidatePool, InfoNCELoss, SampledSoftmaxLoss, l2_normalize
+from sidvid_rec.modules.embeddings import INIT_STD, ItemEmbeddings
+from sidvid_rec.modules.hstu import HSTUEncoder
+from sidvid_rec.modules.interleave import (QueryTime, TokenLayout, append_step, interleave, interleave_layout,
+                                           supervision)
+
+PLACEHOLDER_ITEM = 0
+"""Item id of the appended (to be generated) step at inference; its SID vector is replaced."""
+
+
+class CobraStepOutput(NamedTuple):
+    loss: Tensor
+    """Scalar ``L_sid + vid_weight * L_vid``."""
+    num_positions: int
+    """Supervised SID positions."""
+    sid_loss: Tensor
+    """Detached ``L_sid``."""
+    vid_loss: Tensor
+    """Detached ``L_vid``."""
+
+
+class SidCatalog(NamedTuple):
+    sid_of_item: Tensor
+    """``[N + 1]`` int64 index of each item's SID among the valid SIDs (-1 for the padding item)."""
+    sid_items: Tensor
+    """``[S]`` one item carrying each valid SID (its SID vector is the SID's vector)."""
+
+
+def sid_catalog(codes: np.ndarray) -> SidCatalog:
+    """Valid SIDs of ``codes [N + 1, L]`` (row 0 = padding): distinct tuples in lexicographic order."""
+    _, first, inverse = np.unique(codes[1:], axis=0, return_index=True, return_inverse=True)
+    sid_of_item = np.concatenate([[-1], inverse.reshape(-1)]).astype(np.int64)
+    return SidCatalog(torch.from_numpy(sid_of_item), torch.from_numpy(first.astype(np.int64) + 1))
+
+
+class EvalInputs(NamedTuple):
+    """A batch prepared for decoding: history steps plus one placeholder step per sequence."""
+
+    layout: TokenLayout
+    sid_tokens: Tensor
+    """``[S + B, D]`` SID-token inputs per step (the placeholders' rows are replaced per query)."""
+    vid_tokens: Tensor
+    """``[S + B, D]`` VID-token inputs per step (placeholders' are unused)."""
+    placeholder_steps: Tensor
+    """``[B]`` step row of each sequence's placeholder."""
+
+
+class CobraRecommender(nn.Module):
+    """Interleaved SID/VID HSTU with the dual loss and the pieces the decoders need.
+
+    Args:
+        embeddings: TorchRec tables in mode ``cobra`` (item-ID and SID-prefix, kept apart).
+        encoder: jagged HSTU whose ``max_len`` covers ``2 * data.max_len + 1`` tokens.
+        sid_loss: sampled softmax built over the *items* (negatives are drawn from items and
+            mapped to their SIDs).
+        vid_loss: InfoNCE with the configured negative pool.
+        codes: ``[N + 1, L]`` semantic-ID codes (row 0 = padding).
+        vid_weight: lambda of ``L_sid + lambda * L_vid``.
+        temperature: of the SID logits at inference (the losses carry their own).
+        query_time: time of each token's query in the time bias (see ``interleave_layout``).
+        text_embeddings: optional ``[N + 1, E]`` item text embeddings; a learned projection
+            ``E -> D`` of them is added to every VID token (and VID target).
+    """
+
+    def __init__(self, embeddings: ItemEmbeddings, encoder: HSTUEncoder, sid_loss: SampledSoftmaxLoss,
+                 vid_loss: InfoNCELoss, codes: np.ndarray, vid_weight: float = 1.0, temperature: float = 0.05,
+                 query_time: QueryTime = "target", text_embeddings: Optional[Tensor] = None) -> None:
+        super().__init__()
+        if embeddings.mode != "cobra":
+            raise ValueError(f"CobraRecommender needs embeddings in mode 'cobra', got {embeddings.mode!r}")
+        self.embeddings = embeddings
+        self.encoder = encoder
+        self.sid_loss = sid_loss
+        self.vid_loss = vid_loss
+        self.vid_weight = vid_weight
+        self.temperature = temperature
+        self.query_time: QueryTime = query_time
+        dim = embeddings.dim
+        self.type_emb = nn.Embedding(2, dim)
+        nn.init.trunc_normal_(self.type_emb.weight, std=INIT_STD, a=-2 * INIT_STD, b=2 * INIT_STD)
+        catalog = sid_catalog(codes)
+        self.register_buffer("sid_of_item", catalog.sid_of_item, persistent=False)
+        self.register_buffer("sid_items", catalog.sid_items, persistent=False)
+        self.text_proj: Optional[nn.Linear] = None
+        if text_embeddings is not None:
+            self.register_buffer("text_embeddings", text_embeddings.float(), persistent=False)
+            self.text_proj = nn.Linear(text_embeddings.shape[1], dim, bias=False)
+            nn.init.normal_(self.text_proj.weight, std=INIT_STD)
+
+    @property
+    def num_items(self) -> int:
+        return self.embeddings.num_items
+
+    @property
+    def num_sids(self) -> int:
+        return int(self.sid_items.numel())
+
+    # -- item vectors
+
+    def vid_vectors(self, item_ids: Tensor, id_vec: Optional[Tensor] = None) -> Tensor:
+        """VID vector (ID row + text projection) of ``item_ids [K]``: ``[K, D]``, unnormalised."""
+        if id_vec is None:
+            id_vec = self.embeddings.vectors(item_ids).id_vec
+        if self.text_proj is None:
+            return id_vec
+        return id_vec + self.text_proj(self.text_embeddings[item_ids])
+
+    def sid_vectors_of(self, sid_index: Tensor) -> Tensor:
+        """SID vector (prefixN sum) of valid-SID indices ``[K]``: ``[K, D]``."""
+        return self.embeddings.vectors(self.sid_items[sid_index]).sid_vec
+
+    @torch.no_grad()
+    def decoding_tables(self) -> Tuple[Tensor, Tensor]:
+        """``(sid_table [S, D], vid_table [N + 1, D])``: raw SID vectors of the valid SIDs (what
+        a decoder appends) and L2-normalised VID vectors of every item (what FAISS indexes).
+        Collective under sharding: every rank must call it."""
+        everything = self.embeddings.all_vectors()
+        ids = torch.arange(self.num_items + 1, device=everything.id_vec.device)
+        vid = l2_normalize(self.vid_vectors(ids, everything.id_vec))
+        return everything.sid_vec[self.sid_items], vid
+
+    def sid_logits(self, states: Tensor, sid_table: Tensor) -> Tensor:
+        """``states [B, D]`` x ``sid_table [S, D]`` -> cosine / temperature ``[B, S]``."""
+        return l2_normalize(states) @ l2_normalize(sid_table).T / self.temperature
+
+    # -- encoding
+
+    def _encode(self, layout: TokenLayout, sid_tokens: Tensor, vid_tokens: Tensor) -> Tensor:
+        """Interleaved token inputs of the steps -> HSTU outputs ``[T2, D]`` (L2-normalised)."""
+        x = interleave(sid_tokens, vid_tokens, layout) + self.type_emb(layout.token_type)  # [T2, D]
+        return self.encoder(x, layout.offsets, layout.timestamps, positions=layout.positions,
+                            query_timestamps=layout.query_timestamps)
+
+    def _steps(self, batch: SequenceBatch, next_items: Tensor, next_times: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """Each sequence's input steps plus one appended step: ``(items [S+B], times [S+B], offsets [B+1])``."""
+        items, times = batch.jagged("item_id"), batch.jagged("timestamp")
+        step_items, offsets = append_step(items.values(), items.offsets().long(), next_items)
+        step_times, _ = append_step(times.values(), items.offsets().long(), next_times)
+        return step_items, step_times, offsets
+
+    def forward(self, batch: SequenceBatch, generator: Optional[torch.Generator] = None) -> CobraStepOutput:
+        """Teacher-forced ``L_sid + vid_weight * L_vid`` of a training batch."""
+        if not batch.next_item_targets:
+            raise ValueError("CobraRecommender.forward needs a training batch (a target per position)")
+        targets, target_times = batch.jagged("target_id"), batch.jagged("target_timestamp")
+        last = targets.offsets()[1:] - 1  # each sequence's final target = the step after its inputs
+        items, times, offsets = self._steps(batch, targets.values()[last], target_times.values()[last])
+        layout = interleave_layout(offsets, times, drop_last_vid=True, query_time=self.query_time)
+        vectors = self.embeddings.vectors(items)
+        vid_vec = self.vid_vectors(items, vectors.id_vec)  # [S, D]
+        h = self._encode(layout, vectors.sid_vec, vid_vec)  # [T2, D]
+        sup = supervision(layout, items)
+        sid_out = self._sid_loss(h[sup.sid_rows], sup.sid_targets, generator)
+        # In-batch pool: every step's own (id, vector) pair, VID and SID entries (the latter
+        # masked by is_sid inside the loss), no dedup.
+        no, yes = torch.zeros_like(items, dtype=torch.bool), torch.ones_like(items, dtype=torch.bool)
+        pool = CandidatePool.cat([CandidatePool(items, vid_vec, no), CandidatePool(items, vectors.sid_vec, yes)])
+        vid_steps = layout.source[sup.vid_rows]
+        vid_out = self.vid_loss(h[sup.vid_rows], sup.vid_targets, vid_vec[vid_steps], pool,
+                                item_vectors_fn=self.vid_vectors, generator=generator)
+        loss = sid_out.loss + self.vid_weight * vid_out.loss
+        return CobraStepOutput(loss, sid_out.num_positions, sid_out.loss.detach(), vid_out.loss.detach())
+
+    def _sid_loss(self, query: Tensor, target_items: Tensor, generator: Optional[torch.Generator]):
+        """Sampled softmax in SID space: items' negatives mapped to SIDs, collisions by SID."""
+        negatives = self.sid_loss.sample_negatives(target_items.numel(), generator, target_items.device)
+        return self.sid_loss(query, self.sid_of_item[target_items], self.sid_vectors_of, generator=generator,
+                             negative_ids=self.sid_of_item[negatives])
+
+    # -- inference
+
+    def prepare(self, batch: SequenceBatch) -> EvalInputs:
+        """History tokens plus a placeholder step at the target's time (evaluation batches)."""
+        histories = batch.jagged("item_id")
+        target_times = batch.jagged("target_timestamp").values()  # [B] (one target per sequence)
+        placeholders = torch.full_like(target_times, PLACEHOLDER_ITEM)
+        items, times, offsets = self._steps(batch, placeholders, target_times)
+        layout = interleave_layout(offsets, times, drop_last_vid=True, query_time=self.query_time)
+        vectors = self.embeddings.vectors(items)
+        vid_vec = self.vid_vectors(items, vectors.id_vec)
+        return EvalInputs(layout, vectors.sid_vec, vid_vec, offsets[1:] - 1)
+
+    def next_sid_states(self, inputs: EvalInputs) -> Tensor:
+        """``[B, D]`` output at each history's last VID token (predicts the next SID)."""
+        h = self._encode(inputs.layout, inputs.sid_tokens, inputs.vid_tokens)
+        return h[inputs.layout.last_rows() - 1]
+
+    def vid_queries(self, inputs: EvalInputs, next_sid: Tensor) -> Tensor:
+        """``[B, D]`` VID queries: outputs at the appended SID token carrying ``next_sid [B, D]``."""
+        sid_tokens = inputs.sid_tokens.index_copy(0, inputs.placeholder_steps, next_sid.to(inputs.sid_tokens.dtype))
+        h = self._encode(inputs.layout, sid_tokens, inputs.vid_tokens)
+        return h[inputs.layout.last_rows()]

@@ -1,0 +1,1 @@
+"""Unsharded model building blocks: embedding tables, fusion, the HSTU encoder."""

@@ -1,0 +1,234 @@
+"""Jagged HSTU encoder (Zhai et al., "Actions Speak Louder than Words", ICML'24).
+
+Follows the research HSTU of meta-recsys/generative-recommenders:
+
+* input: ``x * sqrt(d) + pos_emb(position)``, dropout;
+* each layer: ``u, v, q, k = split(silu(LN(x) @ W_uvqk))`` (LayerNorm without affine,
+  eps 1e-6, no bias on ``W_uvqk``),
+  ``A = silu(q k^T + rab) / n`` under a causal mask inside each sequence,
+  ``x = x + W_o(dropout(u * LN(A v)))``;
+* final L2 normalisation (eps 1e-6).
+
+Relative attention bias ``rab`` (one per layer): a learned scalar per relative distance
+``pos[i] - pos[j]`` (``0 .. max_len - 1``) plus a learned scalar per time bucket
+``clamp(floor(ln(max(|dt|, 1)) / 0.301), 0, num_time_buckets)`` with
+``dt = query_ts[i] - ts[j]``. The reference uses the *next* item's timestamp as
+``query_ts[i]`` (the target's timestamp for a sequence's last item); that is the default here
+(:func:`~sidvid_rec.ops.jagged.next_timestamps`), with the last item's own timestamp when no
+target time is passed.
+
+Normaliser ``n`` (``attention_scale``): ``"length"`` divides by each sequence's true length;
+``"max_len"`` by the fixed ``max_len``. The reference divides by its padded length (211 for
+ML-1M), i.e. a constant like ``"max_len"``.
+
+Sequences are never padded to the batch maximum: attention
+(:mod:`sidvid_rec.ops.hstu_attention`) runs per chunk of similar-length sequences
+(:func:`~sidvid_rec.ops.jagged.plan_length_chunks`); all other ops act on the jagged rows
+``[T, D]``. Relative distances at or beyond ``max_len`` (possible only with explicit
+``positions``) share the last distance weight. :mod:`sidvid_rec.modules.hstu_reference` is the padded reference with
+the same parameters (same ``state_dict`` keys).
+"""
+
+import math
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sidvid_rec.errors import ConfigError, DataError
+from sidvid_rec.ops import hstu_attention, jagged
+
+AttentionScale = Literal["length", "max_len"]
+
+LAYER_NORM_EPS: float = 1e-6
+L2_NORM_EPS: float = 1e-6
+
+
+def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Inverted dropout like ``F.dropout``, from a uniform draw (~3x faster than its
+    ``bernoulli_`` on CPU; a different random stream)."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.rand_like(x).ge_(p).mul_(1.0 / (1.0 - p))
+    return x * keep
+
+
+class RelativeBias(nn.Module):
+    """Learned relative attention bias: ``ts_w[time bucket] + pos_w[relative distance]``.
+
+    Parameters: ``ts_w [num_time_buckets + 1]``, ``pos_w [max_len]`` (std 0.02 normal init,
+    as in the reference; the reference stores ``2 * max_len - 1`` distance weights of which
+    a causal model reads only ``max_len``).
+    """
+
+    def __init__(self, max_len: int, num_time_buckets: int) -> None:
+        super().__init__()
+        self.ts_w = nn.Parameter(torch.empty(num_time_buckets + 1).normal_(std=0.02))
+        self.pos_w = nn.Parameter(torch.empty(max_len).normal_(std=0.02))
+
+    def table(self) -> Tensor:
+        """Flat bias table ``[(K+1) * 2 * max_len]`` read through the batch's attention plan."""
+        return hstu_attention.relative_bias_table(self.ts_w, self.pos_w)
+
+
+class HSTULayer(nn.Module):
+    """One HSTU layer on jagged rows ``[T, D]``.
+
+    Parameters: ``uvqk [D, H*(2*dv + 2*dqk)]`` (columns ``u | v | q | k``), ``o`` (Linear
+    ``H*dv -> D`` with bias), ``rel_bias`` (:class:`RelativeBias`).
+    """
+
+    def __init__(
+        self,
+        max_len: int,
+        dim: int,
+        num_heads: int,
+        dqk: int,
+        dv: int,
+        dropout: float,
+        attn_dropout: float,
+        num_time_buckets: int,
+    ) -> None:
+        super().__init__()
+        self._num_heads = num_heads
+        self._split = [num_heads * dv, num_heads * dv, num_heads * dqk, num_heads * dqk]
+        self._dropout = dropout
+        self._attn_dropout = attn_dropout
+        self.uvqk = nn.Parameter(torch.empty(dim, sum(self._split)).normal_(std=0.02))
+        self.o = nn.Linear(num_heads * dv, dim)
+        nn.init.xavier_uniform_(self.o.weight)
+        self.rel_bias = RelativeBias(max_len, num_time_buckets)
+
+    def forward(self, x: Tensor, plan: hstu_attention.AttentionPlan, fused: bool = True) -> Tensor:
+        """``x [T, D]`` -> ``[T, D]``; ``plan`` is the batch's shared attention plan."""
+        normed = F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS)
+        u, v, q, k = torch.split(F.silu(normed @ self.uvqk), self._split, dim=1)  # [T, H*dv|dqk]
+        attn = hstu_attention.jagged_pointwise_attention(
+            q, k, v, self.rel_bias.table(), plan, self._num_heads,
+            attn_dropout=self._attn_dropout, training=self.training, fused=fused,
+        )  # [T, H*dv]
+        gated = u * F.layer_norm(attn, attn.shape[-1:], eps=LAYER_NORM_EPS)
+        return x + self.o(fast_dropout(gated, self._dropout, self.training))
+
+
+class HSTUEncoder(nn.Module):
+    """Stack of :class:`HSTULayer` over jagged sequences; one L2-normalised output per input.
+
+    Args:
+        max_len: longest sequence (tokens) accepted; size of the position tables.
+        dim: model width ``d`` (= item embedding width).
+        num_blocks: layers.
+        num_heads: attention heads ``H``.
+        dqk, dv: query/key and value width per head.
+        dropout: dropout of the input embeddings and of each layer's output branch.
+        attn_dropout: dropout on the attention weights (the reference ignores its own; 0 is
+            the fast path).
+        num_time_buckets: time buckets ``K`` (``K + 1`` weights per layer).
+        attention_scale: ``"length"`` divides attention by each sequence's true length,
+            ``"max_len"`` by the constant ``max_len``.
+
+    Example::
+
+        enc = HSTUEncoder(max_len=200, dim=50, num_blocks=2, num_heads=1, dqk=50, dv=50,
+                          dropout=0.2, attn_dropout=0.0)
+        out = enc(item_emb, offsets, timestamps)   # [T, 50]
+        last = out[offsets[1:] - 1]                # [B, 50] user states
+    """
+
+    def __init__(
+        self,
+        max_len: int,
+        dim: int,
+        num_blocks: int,
+        num_heads: int,
+        dqk: int,
+        dv: int,
+        dropout: float,
+        attn_dropout: float,
+        num_time_buckets: int = 128,
+        attention_scale: AttentionScale = "length",
+    ) -> None:
+        super().__init__()
+        if attention_scale not in ("length", "max_len"):
+            raise ConfigError(f"attention_scale must be 'length' or 'max_len', got {attention_scale!r}")
+        self.max_len = max_len
+        self.dim = dim
+        self.num_time_buckets = num_time_buckets
+        self.attention_scale: AttentionScale = attention_scale
+        self._dropout = dropout
+        self.fused = True
+        """Use the fused attention kernel (``False``: plain autograd ops, for checks)."""
+        self.chunk_overhead: float = jagged.DEFAULT_CHUNK_OVERHEAD
+        """Per-chunk cost used to group sequences by length (see ``plan_length_chunks``)."""
+        self.pos_emb = nn.Embedding(max_len, dim)
+        std = math.sqrt(1.0 / dim)  # the reference's truncated normal (at 2 std)
+        nn.init.trunc_normal_(self.pos_emb.weight, std=std, a=-2 * std, b=2 * std)
+        self.layers = nn.ModuleList(
+            HSTULayer(max_len, dim, num_heads, dqk, dv, dropout, attn_dropout, num_time_buckets)
+            for _ in range(num_blocks)
+        )
+
+    def forward(
+        self,
+        x: Tensor,
+        offsets: Tensor,
+        timestamps: Tensor,
+        positions: Optional[Tensor] = None,
+        query_timestamps: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Encodes a jagged batch.
+
+        Args:
+            x: ``[T, D]`` item embeddings (already looked up), jagged rows.
+            offsets: ``[B+1]`` int64.
+            timestamps: ``[T]`` int64 (seconds), each row's own time (the keys' time).
+            positions: optional ``[T]`` int64 absolute positions (``< max_len``) for the
+                position embedding and the relative distance; default: index within the
+                sequence. COBRA passes its own (two tokens per item).
+            query_timestamps: optional ``[T]`` int64 time of each query row for the time
+                bias; default ``next_timestamps(timestamps, offsets)`` (next item's time,
+                the last item's own time at the end). To match the reference exactly pass
+                ``next_timestamps(timestamps, offsets, last=target_timestamps)``. COBRA
+                passes its own (a SID/VID pair shares one time).
+
+        Returns:
+            ``[T, D]`` L2-normalised outputs; row ``offsets[b+1] - 1`` is sequence ``b``'s state.
+        """
+        self._check_inputs(x, offsets, timestamps, positions, query_timestamps)
+        if query_timestamps is None:
+            query_timestamps = jagged.next_timestamps(timestamps, offsets)
+        plan = hstu_attention.build_attention_plan(
+            offsets, timestamps, query_timestamps, positions, self.max_len, self.num_time_buckets,
+            scale_by_length=self.attention_scale == "length", overhead=self.chunk_overhead,
+        )
+        if positions is None:
+            positions = jagged.index_within_sequence(offsets, x.shape[0])
+        h = x * math.sqrt(self.dim) + self.pos_emb(positions)
+        h = fast_dropout(h, self._dropout, self.training)
+        for layer in self.layers:
+            h = layer(h, plan, fused=self.fused)
+        return h / h.norm(dim=-1, keepdim=True).clamp(min=L2_NORM_EPS)
+
+    def _check_inputs(
+        self,
+        x: Tensor,
+        offsets: Tensor,
+        timestamps: Tensor,
+        positions: Optional[Tensor],
+        query_timestamps: Optional[Tensor],
+    ) -> None:
+        """Raises :class:`DataError` (one line) on inconsistent shapes or too-long sequences."""
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise DataError(f"HSTU input must be [T, {self.dim}], got {tuple(x.shape)}")
+        jagged.validate_offsets(offsets, x.shape[0])
+        for name, t in (("timestamps", timestamps), ("positions", positions), ("query_timestamps", query_timestamps)):
+            if t is not None and tuple(t.shape) != (x.shape[0],):
+                raise DataError(f"{name} must be [T]=[{x.shape[0]}], got {tuple(t.shape)}")
+        longest = int(jagged.offsets_to_lengths(offsets).max())
+        if positions is None and longest > self.max_len:
+            raise DataError(f"a sequence has {longest} tokens, more than max_len={self.max_len}")
+        if positions is not None and positions.numel() and not (
+            0 <= int(positions.min()) and int(positions.max()) < self.max_len
+        ):
+            raise DataError(f"positions must lie in [0, max_len={self.max_len})")

@@ -1,0 +1,183 @@
+"""COBRA token layout: each item step becomes a SID token then a VID token, jagged, never padded.
+
+A batch of ``B`` sequences of *steps* (items) ``values [S]`` + ``offsets [B+1]`` becomes a
+batch of *tokens* ``SID_1, VID_1, SID_2, VID_2, ...``: lengths double (minus one when the
+last step's VID is dropped, see below), rows stay jagged. Per token the layout keeps
+
+* ``source [T2]``: the step (row of the step arrays) it comes from;
+* ``token_type [T2]``: :data:`SID_TYPE` (0) or :data:`VID_TYPE` (1), for the type embedding;
+* ``positions [T2]``: its index within its own token sequence;
+* ``timestamps [T2]``: the step's time, **cloned** to both tokens of a step, so the relative
+  time bias sees delta 0 between the twins and delta > 0 across steps;
+* ``query_timestamps [T2]``: the time of the step whose token this row generates
+  (``query_time="target"``: a SID token generates its own step's VID -> its step's time, a VID
+  token generates the next step's SID -> the next step's time; as HSTU queries with the
+  target's time) or simply the token's own time (``query_time="own"``).
+
+Under the standard causal mask the VID token of step t attends to the SID token of step t.
+Supervision (teacher forcing): the output at the VID token of step t predicts the SID of step
+t + 1; the output at the SID token of step t predicts the VID of step t. The last step of a
+sequence is therefore fed as a SID token only (``drop_last_vid``): its VID would have no target.
+
+Example::
+
+    layout = interleave_layout(step_offsets, step_timestamps)      # steps [S] -> tokens [T2]
+    x = interleave(sid_vectors, vid_vectors, layout)                # [S, D] x 2 -> [T2, D]
+    sup = supervision(layout, step_items)                           # rows + targets of both losses
+"""
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Tuple
+
+import torch
+from torch import Tensor
+
+from sidvid_rec.ops import jagged
+
+SID_TYPE = 0
+"""Token type of a SID token."""
+VID_TYPE = 1
+"""Token type of a VID token."""
+QueryTime = Literal["target", "own"]
+
+
+@dataclass
+class TokenLayout:
+    """Interleaved token layout of a jagged batch of steps (see the module docstring).
+
+    ``offsets [B+1]`` token offsets; ``source``, ``token_type``, ``positions``,
+    ``timestamps``, ``query_timestamps``: ``[T2]`` each; ``step_offsets [B+1]`` the steps'.
+    """
+
+    offsets: Tensor
+    source: Tensor
+    token_type: Tensor
+    positions: Tensor
+    timestamps: Tensor
+    query_timestamps: Tensor
+    step_offsets: Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.source.numel())
+
+    @property
+    def sid_mask(self) -> Tensor:
+        """``[T2]`` bool: SID tokens."""
+        return self.token_type == SID_TYPE
+
+    @property
+    def vid_mask(self) -> Tensor:
+        """``[T2]`` bool: VID tokens."""
+        return self.token_type == VID_TYPE
+
+    def last_rows(self) -> Tensor:
+        """``[B]`` row of each sequence's last token."""
+        return self.offsets[1:] - 1
+
+
+def interleave_layout(step_offsets: Tensor, step_timestamps: Tensor, drop_last_vid: bool = True,
+                      query_time: QueryTime = "target") -> TokenLayout:
+    """Token layout of steps ``[S]`` with offsets ``[B+1]`` (every sequence non-empty).
+
+    Args:
+        step_offsets: ``[B+1]`` int64 offsets of the steps.
+        step_timestamps: ``[S]`` int64 time of each step.
+        drop_last_vid: feed each sequence's last step as a SID token only (``2 n - 1`` tokens).
+        query_time: ``target`` (time of the step the token generates) or ``own``.
+
+    Returns:
+        :class:`TokenLayout` with ``2 S - B`` tokens (``2 S`` without ``drop_last_vid``).
+    """
+    if query_time not in ("target", "own"):
+        raise ValueError(f"query_time must be 'target' or 'own', got {query_time!r}")
+    num_steps = step_timestamps.numel()
+    device = step_timestamps.device
+    lengths = jagged.offsets_to_lengths(step_offsets)
+    if bool((lengths == 0).any()):
+        raise ValueError("every sequence needs at least one step")
+    source = torch.arange(num_steps, device=device).repeat_interleave(2)  # [2S]
+    token_type = torch.tensor([SID_TYPE, VID_TYPE], device=device).repeat(num_steps)  # [2S]
+    token_lengths = 2 * lengths
+    if drop_last_vid:
+        is_last_step = torch.zeros(num_steps, dtype=torch.bool, device=device)
+        is_last_step[step_offsets[1:] - 1] = True
+        keep = ~(is_last_step[source] & (token_type == VID_TYPE))
+        source, token_type, token_lengths = source[keep], token_type[keep], token_lengths - 1
+    offsets = jagged.lengths_to_offsets(token_lengths)
+    positions = jagged.index_within_sequence(offsets, source.numel())
+    timestamps = step_timestamps[source]  # cloned: both tokens of a step share its time
+    if query_time == "own":
+        query_timestamps = timestamps
+    else:
+        # VID of step t generates SID of step t+1; the last step of a sequence has no VID
+        # when dropped, otherwise its VID keeps its own time (no next step).
+        next_step = _next_step(source, step_offsets, num_steps)
+        query_timestamps = torch.where(token_type == VID_TYPE, step_timestamps[next_step], timestamps)
+    return TokenLayout(offsets, source, token_type, positions, timestamps, query_timestamps, step_offsets)
+
+
+def _next_step(source: Tensor, step_offsets: Tensor, num_steps: int) -> Tensor:
+    """``[T2]``: the step after each token's step, clamped to its sequence's last step."""
+    last_of_seq = (step_offsets[1:] - 1)[jagged.sequence_ids(step_offsets, num_steps)]  # [S]
+    return torch.minimum(source + 1, last_of_seq[source])
+
+
+def interleave(sid_tokens: Tensor, vid_tokens: Tensor, layout: TokenLayout) -> Tensor:
+    """Token inputs ``[T2, D]``: row r is ``sid_tokens[source[r]]`` or ``vid_tokens[source[r]]``.
+
+    ``sid_tokens``, ``vid_tokens``: ``[S, D]`` per-step vectors.
+    """
+    pairs = torch.stack([sid_tokens, vid_tokens], dim=1)  # [S, 2, D]
+    return pairs[layout.source, layout.token_type]  # [T2, D]
+
+
+class Deinterleaved(NamedTuple):
+    sid: Tensor
+    """``[S, D]`` rows of the SID tokens, one per step (step order)."""
+    vid: Tensor
+    """``[S', D]`` rows of the VID tokens (``S' = S - B`` when the last VID was dropped)."""
+    vid_steps: Tensor
+    """``[S']`` the step of each VID row."""
+
+
+def deinterleave(tokens: Tensor, layout: TokenLayout) -> Deinterleaved:
+    """Splits token rows ``[T2, D]`` back into per-step SID rows and VID rows."""
+    sid_rows, vid_rows = torch.nonzero(layout.sid_mask).flatten(), torch.nonzero(layout.vid_mask).flatten()
+    return Deinterleaved(tokens[sid_rows], tokens[vid_rows], layout.source[vid_rows])
+
+
+class Supervision(NamedTuple):
+    """Which token rows are supervised, and by which item (teacher forcing)."""
+
+    sid_rows: Tensor
+    """``[P]`` rows whose output predicts a SID: the VID tokens (step t -> SID of step t + 1)."""
+    sid_targets: Tensor
+    """``[P]`` item whose SID is the target."""
+    vid_rows: Tensor
+    """``[Q]`` rows whose output predicts a VID: the SID tokens (step t -> VID of step t)."""
+    vid_targets: Tensor
+    """``[Q]`` item whose VID is the target."""
+
+
+def supervision(layout: TokenLayout, step_items: Tensor) -> Supervision:
+    """Training targets of a layout built with ``drop_last_vid=True`` (``step_items [S]``)."""
+    vid_tokens = torch.nonzero(layout.vid_mask).flatten()
+    sid_tokens = torch.nonzero(layout.sid_mask).flatten()
+    # With the last VID dropped, every VID token's step has a next step in its sequence.
+    return Supervision(
+        sid_rows=vid_tokens, sid_targets=step_items[layout.source[vid_tokens] + 1],
+        vid_rows=sid_tokens, vid_targets=step_items[layout.source[sid_tokens]],
+    )
+
+
+def append_step(values: Tensor, offsets: Tensor, extra: Tensor) -> Tuple[Tensor, Tensor]:
+    """Appends one value per sequence: ``values [S]``, ``offsets [B+1]``, ``extra [B]`` ->
+    ``(values [S + B], offsets [B+1])`` with ``extra[b]`` last in sequence ``b``."""
+    num_seqs = offsets.numel() - 1
+    new_offsets = offsets + torch.arange(num_seqs + 1, device=offsets.device, dtype=offsets.dtype)
+    out = values.new_empty(values.numel() + num_seqs)
+    seq = jagged.sequence_ids(offsets, values.numel())
+    out[torch.arange(values.numel(), device=values.device) + seq] = values
+    out[new_offsets[1:] - 1] = extra.to(values.dtype)
+    return out, new_offsets

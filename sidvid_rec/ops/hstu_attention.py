@@ -1,0 +1,298 @@
+"""Jagged HSTU attention: ``silu(q k^T + rab) v / n`` under a causal mask, no batch padding.
+
+Sequences are grouped into chunks of similar lengths (:func:`~sidvid_rec.ops.jagged.plan_length_chunks`)
+and each chunk runs as dense batched matmuls ``[b, n, n]``. The relative attention bias
+(time bucket x relative distance) and the causal mask are one gather from a small flat
+table (:func:`relative_bias_table`) through an index built once per batch
+(:func:`build_attention_plan`) and shared by every layer. The fused autograd function keeps
+only the scores for backward; :func:`jagged_pointwise_attention` with ``fused=False`` runs the
+same maths with plain autograd ops (the reference for the parity tests).
+
+Shapes: jagged rows ``[T, H * d]`` with ``offsets [B+1]``; per chunk ``b`` sequences padded to
+width ``n``; ``H`` heads.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from sidvid_rec.ops.jagged import (
+    DEFAULT_CHUNK_OVERHEAD,
+    TIME_BUCKET_DIVISOR,
+    ChunkPlan,
+    plan_length_chunks,
+)
+
+
+# Bias of positions outside the causal mask: silu(s - 1e9) is exactly 0 in float32 and so
+# is its gradient, which makes the mask free (it rides on the bias gather).
+MASKED_BIAS: float = -1e9
+
+
+@dataclass
+class AttentionPlan:
+    """Per-batch attention metadata, built once and shared by every HSTU layer.
+
+    ``bias_index[c] [b, n, n]`` (int32) indexes the flat bias table of
+    :func:`relative_bias_table` (time bucket x relative distance, or a masked entry);
+    ``row_scale[c] [b, 1, 1]`` is ``1 / n`` of each sequence (true length or ``max_len``).
+    """
+
+    layout: ChunkPlan
+    bias_index: List[Tensor]
+    row_scale: List[Tensor]
+
+
+def relative_bias_table(time_weights: Tensor, position_weights: Tensor) -> Tensor:
+    """Flat bias table ``[(K+1) * 2 * max_len]`` read by :class:`AttentionPlan` indices.
+
+    Entry ``k * 2 * max_len + d`` is ``time_weights[k] + position_weights[d]`` for
+    ``d < max_len`` and :data:`MASKED_BIAS` for ``d >= max_len`` (the keys after the query),
+    so the causal mask costs no extra pass over the ``[b, n, n]`` blocks.
+
+    Args:
+        time_weights: ``[K+1]`` one scalar per time bucket.
+        position_weights: ``[max_len]`` one scalar per relative distance ``i - j``.
+    """
+    pairs = time_weights.unsqueeze(1) + position_weights.unsqueeze(0)  # [K+1, max_len]
+    return torch.cat([pairs, torch.full_like(pairs, MASKED_BIAS)], dim=1).reshape(-1)
+
+
+def split_bias_index(index: Tensor, max_len: int) -> Tuple[Tensor, Tensor]:
+    """Decodes a :class:`AttentionPlan` bias index into ``(time bucket, column)``.
+
+    ``column < max_len`` is the relative distance ``pos[i] - pos[j]``; ``column >= max_len``
+    marks a masked pair (key after the query). Use this instead of the table layout.
+    """
+    return torch.div(index, 2 * max_len, rounding_mode="floor"), torch.remainder(index, 2 * max_len)
+
+
+def _relative_columns(n: int, max_len: int, device: torch.device) -> Tensor:
+    """``[n, n]`` int32 table column of ``(i, j)``: ``min(i - j, max_len - 1)`` when ``j <= i``,
+    else ``max_len`` (masked)."""
+    steps = torch.arange(n, device=device, dtype=torch.int32)
+    diff = steps.unsqueeze(1) - steps.unsqueeze(0)  # i - j
+    return torch.where(diff >= 0, diff.clamp(max=max_len - 1), max_len)
+
+
+def _chunk_bias_index(
+    key_ts: Tensor,
+    query_ts: Tensor,
+    pos: Optional[Tensor],
+    max_len: int,
+    num_time_buckets: int,
+) -> Tensor:
+    """``[b, n, n]`` int32 bias-table index of one chunk (``key_ts, query_ts, pos: [b, n]``)."""
+    b, n = key_ts.shape
+    # time_bucket() inlined with one float32 buffer (fresh [b, n, n] allocations cost page
+    # faults): float64 holds the integer difference exactly, and writing it to float32
+    # rounds it exactly like the reference's int64 -> float32 conversion.
+    mag = torch.empty(b, n, n, dtype=torch.float32, device=key_ts.device)
+    torch.sub(query_ts.to(torch.float64).unsqueeze(2), key_ts.to(torch.float64).unsqueeze(1), out=mag)
+    mag.abs_().clamp_(min=1).log_().div_(TIME_BUCKET_DIVISOR)
+    bucket = mag.to(torch.int32).clamp_(max=num_time_buckets)
+    del mag
+    columns = _relative_columns(n, max_len, key_ts.device)  # [n, n]
+    index = bucket.mul_(2 * max_len)
+    if pos is None:
+        return index.add_(columns)
+    dist = (pos.unsqueeze(2) - pos.unsqueeze(1)).clamp_(0, max_len - 1).to(torch.int32)
+    return index.add_(dist.masked_fill_(columns == max_len, max_len))
+
+
+def build_attention_plan(
+    offsets: Tensor,
+    timestamps: Tensor,
+    query_timestamps: Tensor,
+    positions: Optional[Tensor],
+    max_len: int,
+    num_time_buckets: int,
+    scale_by_length: bool,
+    overhead: float = DEFAULT_CHUNK_OVERHEAD,
+) -> AttentionPlan:
+    """Chunks the batch and precomputes each chunk's bias index and ``1/n`` scale.
+
+    Args:
+        offsets: ``[B+1]``.
+        timestamps: ``[T]`` int64 key timestamps (item ``j``'s time).
+        query_timestamps: ``[T]`` int64 query times; ``dt = query_timestamps[i] - timestamps[j]``.
+        positions: optional ``[T]`` positions for the relative distance ``pos[i] - pos[j]``;
+            ``None`` = index within the sequence (no pairwise work needed for it).
+        scale_by_length: divide by each sequence's true length, else by ``max_len``.
+    """
+    layout = plan_length_chunks(offsets, overhead)
+    rows = layout.gather_rows
+    key_rows, query_rows = timestamps.index_select(0, rows), query_timestamps.index_select(0, rows)
+    pos_rows = None if positions is None else positions.index_select(0, rows).to(torch.int32)
+    bias_index, row_scale = [], []
+    for chunk in layout.chunks:
+        span = slice(chunk.row_begin, chunk.row_begin + chunk.num_seqs * chunk.width)
+        shape = (chunk.num_seqs, chunk.width)
+        pos = None if pos_rows is None else pos_rows[span].view(shape)
+        bias_index.append(
+            _chunk_bias_index(key_rows[span].view(shape), query_rows[span].view(shape), pos, max_len, num_time_buckets)
+        )
+        denom = chunk.lengths.to(torch.float32) if scale_by_length else torch.full(shape[:1], float(max_len))
+        row_scale.append(denom.to(timestamps.device).reciprocal().view(-1, 1, 1))
+    return AttentionPlan(layout, bias_index, row_scale)
+
+
+def _heads(rows: Tensor, num_seqs: int, width: int, num_heads: int) -> Tensor:
+    """``[b * n, H * d]`` rows -> ``[b * H, n, d]`` (a view when ``H == 1``)."""
+    if num_heads == 1:
+        return rows.view(num_seqs, width, -1)
+    per_head = rows.shape[1] // num_heads
+    return rows.reshape(num_seqs, width, num_heads, per_head).transpose(1, 2).reshape(-1, width, per_head)
+
+
+def _unheads(x: Tensor, num_seqs: int, num_heads: int) -> Tensor:
+    """``[b * H, n, d]`` -> ``[b, n, H * d]``."""
+    if num_heads == 1:
+        return x
+    width, per_head = x.shape[1], x.shape[2]
+    return x.view(num_seqs, num_heads, width, per_head).transpose(1, 2).reshape(num_seqs, width, -1)
+
+
+def _scores(q: Tensor, k: Tensor, bias: Tensor, num_seqs: int, num_heads: int) -> Tensor:
+    """``q k^T + bias`` as ``[b * H, n, n]``; ``bias [b, n, n]`` is shared by the heads."""
+    if num_heads == 1:
+        return torch.baddbmm(bias, q, k.transpose(1, 2))
+    s = torch.bmm(q, k.transpose(1, 2))
+    s.view(num_seqs, num_heads, *s.shape[1:]).add_(bias.unsqueeze(1))
+    return s
+
+
+def _bmm_into(a: Tensor, b_: Tensor, out_rows: Tensor, num_seqs: int, num_heads: int) -> None:
+    """``a @ b_`` (``[b*H, n, m] @ [b*H, m, d]``) written into contiguous rows ``[b*n, H*d]``."""
+    if num_heads == 1:
+        torch.bmm(a, b_, out=out_rows.view(num_seqs, a.shape[1], -1))
+    else:
+        out_rows.view(num_seqs, a.shape[1], -1).copy_(_unheads(torch.bmm(a, b_), num_seqs, num_heads))
+
+
+def _repeat_scale(scale: Tensor, num_heads: int) -> Tensor:
+    """``[b, 1, 1]`` -> ``[b * H, 1, 1]``."""
+    return scale if num_heads == 1 else scale.repeat_interleave(num_heads, dim=0)
+
+
+class _PointwiseAttention(torch.autograd.Function):
+    """Fused ``silu(q k^T + bias) v / n`` over all chunks, jagged rows in and out.
+
+    Saves only the padded q, k, v rows and each chunk's scores. Padded rows (past a
+    sequence's end) get exactly zero gradient (they are masked as keys and unused as
+    queries), so the backward reads each jagged row's gradient from its own padded row
+    instead of scatter-adding the duplicates.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, table, plan, num_heads):  # type: ignore[override]
+        gather, scatter = plan.layout.gather_rows, plan.layout.scatter_rows
+        q_rows, k_rows, v_rows = (t.index_select(0, gather) for t in (q, k, v))  # [P, H*d]
+        out_rows = v_rows.new_empty(v_rows.shape)
+        keep_scores = any(ctx.needs_input_grad[:4])  # inference keeps one chunk's scores at a time
+        saved_scores = []
+        for c, chunk in enumerate(plan.layout.chunks):
+            b, n = chunk.num_seqs, chunk.width
+            span = slice(chunk.row_begin, chunk.row_begin + b * n)
+            qc, kc, vc = (_heads(r[span], b, n, num_heads) for r in (q_rows, k_rows, v_rows))
+            bias = table.index_select(0, plan.bias_index[c].view(-1)).view(b, n, n)
+            s = _scores(qc, kc, bias, b, num_heads)  # [b*H, n, n]
+            # reuse buffers: fresh [b, n, n] allocations cost page faults on CPU
+            a = torch.ops.aten.silu.out(s, out=bias) if num_heads == 1 else torch.nn.functional.silu(s)
+            del bias
+            _bmm_into(a, vc, out_rows[span], b, num_heads)
+            del a
+            out_rows[span].view(b, n, -1).mul_(plan.row_scale[c])
+            if keep_scores:
+                saved_scores.append(s)
+        # saved tensors (not ctx attributes) are freed right after backward
+        ctx.save_for_backward(q_rows, k_rows, v_rows, table, *plan.bias_index, *saved_scores)
+        ctx.layout, ctx.row_scale, ctx.num_heads = plan.layout, plan.row_scale, num_heads
+        return out_rows.index_select(0, scatter)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):  # type: ignore[override]
+        q_rows, k_rows, v_rows, table, *rest = ctx.saved_tensors
+        layout, heads = ctx.layout, ctx.num_heads
+        bias_index, scores = rest[: len(layout.chunks)], rest[len(layout.chunks) :]
+        scatter = layout.scatter_rows
+        grad_rows = grad_out.new_zeros(v_rows.shape).index_copy_(0, scatter, grad_out.contiguous())
+        grads = [torch.empty_like(r) for r in (q_rows, k_rows, v_rows)]
+        grad_table = torch.zeros_like(table)
+        for c, chunk in enumerate(layout.chunks):
+            b, n = chunk.num_seqs, chunk.width
+            span = slice(chunk.row_begin, chunk.row_begin + b * n)
+            qc, kc, vc = (_heads(r[span], b, n, heads) for r in (q_rows, k_rows, v_rows))
+            g = _heads(grad_rows[span], b, n, heads) * _repeat_scale(ctx.row_scale[c], heads)  # [bH, n, dv]
+            s = scores[c]
+            a = torch.nn.functional.silu(s)
+            _bmm_into(a.transpose(1, 2), g, grads[2][span], b, heads)
+            grad_s = torch.bmm(g, vc.transpose(1, 2), out=a)  # dA, in a's buffer
+            torch.ops.aten.silu_backward.grad_input(grad_s, s, grad_input=grad_s)  # dS, in place
+            _bmm_into(grad_s, kc, grads[0][span], b, heads)
+            _bmm_into(grad_s.transpose(1, 2), qc, grads[1][span], b, heads)
+            grad_bias = grad_s if heads == 1 else grad_s.view(b, heads, n, n).sum(1)
+            grad_table += torch.bincount(
+                bias_index[c].view(-1), weights=grad_bias.reshape(-1), minlength=table.numel()
+            )
+        grad_q, grad_k, grad_v = (gr.index_select(0, scatter) for gr in grads)
+        return grad_q, grad_k, grad_v, grad_table, None, None
+
+
+def _pointwise_attention_autograd(
+    q_rows: Tensor,
+    k_rows: Tensor,
+    v_rows: Tensor,
+    table: Tensor,
+    plan: AttentionPlan,
+    num_heads: int,
+    attn_dropout: float,
+    training: bool,
+) -> Tensor:
+    """Same maths as :class:`_PointwiseAttention` with plain autograd ops (and attention dropout)."""
+    outs = []
+    for c, chunk in enumerate(plan.layout.chunks):
+        b, n = chunk.num_seqs, chunk.width
+        span = slice(chunk.row_begin, chunk.row_begin + b * n)
+        q, k, v = (_heads(r[span], b, n, num_heads) for r in (q_rows, k_rows, v_rows))
+        bias = table[plan.bias_index[c].long()]  # [b, n, n]
+        a = torch.nn.functional.silu(_scores(q, k, bias, b, num_heads))
+        a = torch.nn.functional.dropout(a, p=attn_dropout, training=training)
+        o = torch.bmm(a, v) * _repeat_scale(plan.row_scale[c], num_heads)
+        outs.append(_unheads(o, b, num_heads).reshape(b * n, -1))
+    return torch.cat(outs, dim=0)
+
+
+def jagged_pointwise_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    table: Tensor,
+    plan: AttentionPlan,
+    num_heads: int,
+    attn_dropout: float = 0.0,
+    training: bool = False,
+    fused: bool = True,
+) -> Tensor:
+    """HSTU attention ``silu(q k^T + rab) v / n`` under a causal mask, on jagged rows.
+
+    Args:
+        q, k: ``[T, H * dqk]``; v: ``[T, H * dv]`` (jagged rows, ``T = offsets[-1]``).
+        table: flat bias table of :func:`relative_bias_table` (differentiable).
+        plan: the batch's :class:`AttentionPlan`.
+        attn_dropout: dropout on the attention weights (uses the unfused path when active).
+        fused: use the fused autograd function (saves only the scores); ``False`` = plain ops.
+
+    Returns:
+        ``[T, H * dv]`` jagged rows.
+    """
+    if fused and not (training and attn_dropout > 0):
+        return _PointwiseAttention.apply(q, k, v, table, plan, num_heads)
+    rows = plan.layout.gather_rows
+    out_rows = _pointwise_attention_autograd(
+        q[rows], k[rows], v[rows], table, plan, num_heads, attn_dropout, training
+    )
+    return out_rows[plan.layout.scatter_rows]

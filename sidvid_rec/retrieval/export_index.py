@@ -1,0 +1,241 @@
+"""The serving side of an export: verify and load it, then retrieve the top-K items for a history.
+
+Imports nothing of the training stack (no TorchRec, no checkpoints, no pickle): the files
+are safetensors, JSON and a FAISS index; the HSTU encoder is rebuilt from the manifest's
+hyperparameters and its weights.
+
+Export directory (written by :func:`sidvid_rec.export.export_run`)::
+
+    manifest.json              format, model hyperparameters, sha256 of every file below
+    tables.safetensors         the TorchRec tables gathered from their shards, cut to ``dim``:
+                               ``item_id [N+1, D]`` and/or ``sid_prefix [S, D]``
+    item_vectors.safetensors   ``item_vectors [N+1, D]``: each item's (fused) input vector,
+                               i.e. what the model looks up for a history item (COBRA: the
+                               VID vectors, plus ``sid_vectors [S, D]`` of the valid SIDs)
+    dense.safetensors          every other parameter (HSTU encoder ``encoder.*``, fusion ...)
+    index.faiss                FAISS index (:class:`~sidvid_rec.retrieval.faiss_index.VidIndex`,
+                               ``retrieval.index`` of the run; flat = exact inner product) over
+                               the L2-normalised item vectors of items 1..N (id = internal id)
+    items.json                 ``raw_ids`` and ``titles`` per internal id (0 = padding)
+    sids/                      copy of the semantic-ID artifacts (modes sid, sid_id, cobra)
+
+Ids: ``retrieve`` takes and returns the data set's own (raw) item ids, e.g. MovieLens
+``movieId``; :meth:`ExportedModel.to_internal` maps them to the contiguous ids 1..N.
+
+Example::
+
+    model = load_export("runs/demo/export")
+    result = model.retrieve([1, 50, 260], k=10)      # raw ids, oldest first
+    result.items[0]                                  # {"item_id": ..., "title": ..., "score": ...}
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from sidvid_rec import io
+from sidvid_rec.errors import ArtifactError, DataError
+from sidvid_rec.modules.hstu import HSTUEncoder
+from sidvid_rec.ops import jagged
+from sidvid_rec.retrieval.faiss_index import MISSING_ID, VidIndex
+
+FORMAT = "sidvid_rec.export"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+TABLES = "tables.safetensors"
+ITEM_VECTORS = "item_vectors.safetensors"
+DENSE = "dense.safetensors"
+INDEX = "index.faiss"
+ITEMS = "items.json"
+SIDS_DIR = "sids"
+RETRIEVABLE_MODES = ("id", "sid", "sid_id")
+"""Modes whose top-K is the encoder state against the item vectors (COBRA decodes SIDs first)."""
+
+
+# ----------------------------------------------------------------------------- integrity
+
+
+def sha256_bytes(blob: bytes) -> str:
+    return hashlib.sha256(blob).hexdigest()
+
+
+def list_files(directory: str, prefix: str = "") -> List[str]:
+    """Relative paths of every file under ``directory`` (sorted), the manifest excluded."""
+    out: List[str] = []
+    for name in io.ls(os.path.join(directory, prefix) if prefix else directory):
+        rel = os.path.join(prefix, name) if prefix else name
+        if io.isdir(os.path.join(directory, rel)):
+            out += list_files(directory, rel)
+        elif rel != MANIFEST:
+            out.append(rel)
+    return sorted(out)
+
+
+def read_verified(directory: str, manifest: Dict[str, Any]) -> Dict[str, bytes]:
+    """Every file named in the manifest, read once and checked against its sha256.
+
+    Raises a one-line ArtifactError on a missing, changed or unexpected file; nothing is
+    returned (so nothing is loaded) unless all files pass.
+    """
+    expected: Dict[str, str] = manifest.get("files", {})
+    blobs: Dict[str, bytes] = {}
+    for rel, digest in sorted(expected.items()):
+        path = os.path.join(directory, rel)
+        if not io.exists(path):
+            raise ArtifactError(f"export {directory} is incomplete: missing {rel}")
+        with io.open_file(path, "rb") as f:
+            blob = f.read()
+        if sha256_bytes(blob) != digest:
+            raise ArtifactError(f"export {directory}: {rel} does not match its sha256 in {MANIFEST} (changed or damaged)")
+        blobs[rel] = blob
+    extra = sorted(set(list_files(directory)) - set(expected))
+    if extra:
+        raise ArtifactError(f"export {directory}: {extra[0]} is not listed in {MANIFEST}")
+    return blobs
+
+
+def read_manifest(directory: str) -> Dict[str, Any]:
+    path = os.path.join(directory, MANIFEST)
+    if not io.exists(path):
+        raise ArtifactError(f"{directory} is not an export directory (no {MANIFEST}); run `sidvid-rec export` first")
+    manifest = io.read_json(path)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path} is not a sidvid-rec export manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ArtifactError(f"{path}: export format version {manifest.get('format_version')} is not supported "
+                            f"(expected {FORMAT_VERSION})")
+    return manifest
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class Retrieved:
+    """Top-K of one history: internal ids, raw ids, titles and inner-product scores (best first)."""
+
+    ids: np.ndarray
+    items: List[Dict[str, Any]]
+
+
+def _safetensors(blob: bytes, name: str) -> Dict[str, torch.Tensor]:
+    import safetensors.torch
+
+    try:
+        return safetensors.torch.load(blob)
+    except Exception as e:  # noqa: BLE001  (hash matched but the content is not safetensors)
+        raise ArtifactError(f"export file {name} is not a readable safetensors file ({type(e).__name__})")
+
+
+def _faiss_index(blob: bytes) -> Any:
+    """The FAISS index in ``blob`` (the verified bytes of ``index.faiss``, not a second read)."""
+    import faiss
+
+    try:
+        return faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
+    except RuntimeError as e:
+        raise ArtifactError(f"export file {INDEX} is not a readable FAISS index ({str(e).splitlines()[0][:120]})")
+
+
+class ExportedModel:
+    """An export loaded for retrieval: encoder, item vectors, FAISS index, item names.
+
+    Args:
+        directory: the export directory.
+        manifest: the parsed manifest.
+        blobs: verified file contents (:func:`read_verified`).
+    """
+
+    def __init__(self, directory: str, manifest: Dict[str, Any], blobs: Dict[str, bytes]) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.mode: str = manifest["model"]["mode"]
+        self.item_vectors = _safetensors(blobs[ITEM_VECTORS], ITEM_VECTORS)["item_vectors"]  # [N+1, D]
+        hp = manifest["encoder"]
+        self.encoder = HSTUEncoder(max_len=hp["max_len"], dim=hp["dim"], num_blocks=hp["num_blocks"],
+                                   num_heads=hp["num_heads"], dqk=hp["dqk"], dv=hp["dv"], dropout=0.0,
+                                   attn_dropout=0.0, num_time_buckets=hp["num_time_buckets"],
+                                   attention_scale=hp["attention_scale"])
+        dense = _safetensors(blobs[DENSE], DENSE)
+        encoder_state = {k[len("encoder."):]: v for k, v in dense.items() if k.startswith("encoder.")}
+        try:
+            self.encoder.load_state_dict(encoder_state)
+        except RuntimeError as e:
+            raise ArtifactError(f"export {DENSE} does not fit the manifest's encoder ({str(e).splitlines()[0][:160]})")
+        self.encoder.eval()
+        search = manifest.get("index", {})
+        self.index = VidIndex(_faiss_index(blobs[INDEX]), kind=search.get("kind", "flat"),
+                              ef_search=int(search.get("ef_search", 256)), nprobe=int(search.get("nprobe", 16)))
+        items = json.loads(blobs[ITEMS].decode("utf-8"))
+        self.raw_ids: List[Any] = items["raw_ids"]
+        self.titles: List[str] = items["titles"]
+        self._internal = {str(raw): i for i, raw in enumerate(self.raw_ids) if i > 0}
+        self.filter_history: bool = bool(manifest.get("filter_history", True))
+
+    @property
+    def num_items(self) -> int:
+        return len(self.raw_ids) - 1
+
+    def to_internal(self, raw_ids: Sequence[Any]) -> List[int]:
+        """Raw (data set) item ids -> internal ids 1..N; an unknown id is a one-line DataError."""
+        out = []
+        for raw in raw_ids:
+            internal = self._internal.get(str(raw).strip())
+            if internal is None:
+                raise DataError(f"item id {raw} is not in this export's catalogue ({self.num_items} items)")
+            out.append(internal)
+        return out
+
+    @torch.no_grad()
+    def query(self, history: Sequence[int], timestamps: Optional[Sequence[int]] = None,
+              query_time: Optional[int] = None) -> torch.Tensor:
+        """The encoder state ``[D]`` after ``history`` (internal ids, oldest first).
+
+        ``timestamps`` (one per item, seconds) feed the time bias; the query time is the time of
+        the item to predict (default: the last item's). Without timestamps every event counts as
+        simultaneous. Only the most recent ``max_len`` items are used.
+        """
+        ids = torch.as_tensor(list(history), dtype=torch.long)
+        if ids.numel() == 0:
+            raise DataError("the history is empty: give at least one item")
+        times = torch.zeros_like(ids) if timestamps is None else torch.as_tensor(list(timestamps), dtype=torch.long)
+        if times.shape != ids.shape:
+            raise DataError(f"{times.numel()} timestamps for {ids.numel()} history items")
+        max_len = self.encoder.max_len
+        ids, times = ids[-max_len:], times[-max_len:]
+        offsets = torch.tensor([0, ids.numel()])
+        last = torch.tensor([int(times[-1]) if query_time is None else int(query_time)])
+        query_times = jagged.next_timestamps(times, offsets, last=last)
+        h = self.encoder(self.item_vectors[ids], offsets, times, query_timestamps=query_times)  # [L, D]
+        return h[-1]
+
+    def retrieve(self, history: Sequence[Any], k: int = 10, timestamps: Optional[Sequence[int]] = None,
+                 query_time: Optional[int] = None, raw_ids: bool = True) -> Retrieved:
+        """Top-``k`` items after ``history`` (raw ids unless ``raw_ids=False``), history items removed."""
+        if k <= 0:
+            raise DataError(f"--k must be positive, got {k}")
+        if self.mode not in RETRIEVABLE_MODES:
+            raise ArtifactError(f"retrieve supports modes {', '.join(RETRIEVABLE_MODES)}; this export is "
+                                f"mode {self.mode} (COBRA decoding from an export is not available)")
+        internal = self.to_internal(history) if raw_ids else [int(i) for i in history]
+        bad = [i for i in internal if not 1 <= i <= self.num_items]
+        if bad:
+            raise DataError(f"item id {bad[0]} is outside [1, {self.num_items}]")
+        q = self.query(internal, timestamps, query_time)[None, :]  # [1, D]
+        seen = torch.tensor(sorted(set(internal)) if self.filter_history else [], dtype=torch.long)
+        hits = self.index.search_excluding(q, min(k, self.num_items), seen, torch.tensor([0, seen.numel()]))
+        keep = [(int(i), float(s)) for i, s in zip(hits.ids[0], hits.scores[0]) if int(i) != MISSING_ID]
+        items = [{"item_id": self.raw_ids[i], "title": self.titles[i], "score": round(s, 6)} for i, s in keep]
+        return Retrieved(np.array([i for i, _ in keep], dtype=np.int64), items)
+
+
+def load_export(directory: str) -> ExportedModel:
+    """Verifies every file of an export against its manifest, then loads it for retrieval."""
+    directory = io.expand(directory)
+    manifest = read_manifest(directory)
+    return ExportedModel(directory, manifest, read_verified(directory, manifest))

@@ -1,0 +1,161 @@
+"""Optimizers: a fused in-backward optimizer for the TorchRec tables, AdamW for the rest.
+
+Two parameter groups, two optimizers (like torchrec's DLRM and the reference HSTU):
+
+* **Tables** (every ``EmbeddingBagCollection`` weight): an optimizer attached *in
+  backward* with torchrec's ``apply_optimizer_in_backward`` before the model is wrapped by
+  ``DistributedModelParallel``. DMP reads the attached class and kwargs and builds
+  fbgemm's fused table-batched kernel, which updates only the looked-up rows during
+  backward (no gradient tensor for the table ever exists); ``dmp.fused_optimizer`` then
+  holds its state (``ShardedTensor`` momentum) for checkpoints. fbgemm's CPU kernels
+  support EXACT_ROWWISE_ADAGRAD, EXACT_ADAGRAD and EXACT_SGD only; Adam needs CUDA.
+* **Dense** parameters (HSTU, fusion, position embeddings ...): ``torch.optim.AdamW``.
+
+Where each path runs (measured with torch 2.13 / torchrec 1.8 / fbgemm-gpu-cpu 1.8, CPU):
+
+* DMP, one or more ranks on gloo (the trainer's path, also for a single process with a
+  world-size-1 group): fused fbgemm update; after 3 steps the weights and the row-wise
+  momentum equal the unsharded path below to 6e-8.
+* An *unsharded* EBC (tests, tools that skip DMP): the same call registers a hook on the
+  weight's gradient accumulator that runs the torch optimizer class (``RowWiseAdagrad``,
+  ``Adagrad``, ``SGD``, ``Adam``) right after the weight's gradient is accumulated, and
+  then drops the gradient. It does update the looked-up rows, but through a dense
+  ``[rows, D]`` gradient (cost grows with the table), and its state lives in
+  ``weight._in_backward_optimizers[0]``, not in a ``fused_optimizer``. Row-wise Adagrad,
+  Adagrad and SGD give the same update as the fused kernel (rows without gradient are
+  untouched); dense Adam does not (it keeps moving rows with stale momentum, fbgemm's
+  sparse Adam does not).
+
+Example::
+
+    spec = apply_embedding_optimizer(model, "auto", lr=0.05, device=torch.device("cpu"))
+    dmp = DistributedModelParallel(model, device=device, plan=plan)
+    dense = dense_optimizer(dmp, lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0)
+"""
+
+import warnings
+from typing import Any, Dict, Iterator, List, Literal, NamedTuple, Tuple, Type, Union, get_args
+
+import torch
+from torch import nn
+
+from sidvid_rec.errors import ConfigError
+from sidvid_rec.stack import require_fbgemm
+
+require_fbgemm()
+
+from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
+from torchrec.optim import apply_optimizer_in_backward  # noqa: E402
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad  # noqa: E402
+
+EmbeddingOptimizerName = Literal["auto", "rowwise_adagrad", "adagrad", "sgd", "adam"]
+CPU_EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
+"""Table optimizers fbgemm's CPU kernels support."""
+EMBEDDING_EPS = 1e-8
+"""Adagrad/Adam epsilon (fbgemm's default; torchrec's RowWiseAdagrad would use 1e-10)."""
+
+_CLASSES: Dict[str, Type[torch.optim.Optimizer]] = {
+    "rowwise_adagrad": RowWiseAdagrad,  # -> EXACT_ROWWISE_ADAGRAD
+    "adagrad": torch.optim.Adagrad,  # -> EXACT_ADAGRAD
+    "sgd": torch.optim.SGD,  # -> EXACT_SGD
+    "adam": torch.optim.Adam,  # -> ADAM (CUDA only)
+}
+
+
+class EmbeddingOptimizerSpec(NamedTuple):
+    name: str
+    """The resolved optimizer (``auto`` replaced by the choice for the device)."""
+    optimizer_class: Type[torch.optim.Optimizer]
+    """Class torchrec maps to an fbgemm EmbOptimType (and runs as is on unsharded tables)."""
+    kwargs: Dict[str, Any]
+    """Constructor kwargs; only keys both torch and fbgemm accept (``lr``, ``eps``)."""
+
+
+def resolve_embedding_optimizer(name: EmbeddingOptimizerName, device: Union[str, torch.device]) -> str:
+    """``auto`` -> ``rowwise_adagrad`` on CPU, ``adam`` on CUDA; ``adam`` on CPU -> ConfigError."""
+    if name not in get_args(EmbeddingOptimizerName):
+        raise ConfigError(
+            f"train.embedding_optimizer: {name!r} is not one of {', '.join(get_args(EmbeddingOptimizerName))}"
+        )
+    on_cuda = torch.device(device).type == "cuda"
+    if name == "auto":
+        return "adam" if on_cuda else "rowwise_adagrad"
+    if not on_cuda and name not in CPU_EMBEDDING_OPTIMIZERS:
+        raise ConfigError(
+            f"train.embedding_optimizer={name} needs CUDA: fbgemm's CPU kernels support only "
+            f"{', '.join(CPU_EMBEDDING_OPTIMIZERS)} (or use auto)"
+        )
+    return name
+
+
+def embedding_optimizer_kwargs(
+    name: EmbeddingOptimizerName, lr: float, device: Union[str, torch.device]
+) -> EmbeddingOptimizerSpec:
+    """Optimizer class and kwargs for ``apply_optimizer_in_backward`` on the tables.
+
+    Args:
+        name: ``auto``, ``rowwise_adagrad``, ``adagrad``, ``sgd`` or ``adam``.
+        lr: table learning rate (Adagrad-family wants a larger one than AdamW, e.g. 0.05).
+        device: the training device; decides ``auto`` and rejects ``adam`` on CPU.
+    """
+    if lr <= 0:
+        raise ConfigError(f"train.embedding_lr must be positive, got {lr}")
+    resolved = resolve_embedding_optimizer(name, device)
+    kwargs: Dict[str, Any] = {"lr": lr}
+    if resolved != "sgd":
+        kwargs["eps"] = EMBEDDING_EPS
+    return EmbeddingOptimizerSpec(resolved, _CLASSES[resolved], kwargs)
+
+
+def table_modules(model: nn.Module) -> List[nn.Module]:
+    """Every unsharded ``EmbeddingBagCollection`` inside ``model``."""
+    return [m for m in model.modules() if isinstance(m, EmbeddingBagCollection)]
+
+
+def apply_embedding_optimizer(
+    model: nn.Module, name: EmbeddingOptimizerName, lr: float, device: Union[str, torch.device]
+) -> EmbeddingOptimizerSpec:
+    """Attaches the in-backward table optimizer to every EBC of ``model`` (call before DMP).
+
+    Raises:
+        ValueError: ``model`` has no EBC, or an optimizer is already attached (DMP accepts one).
+    """
+    spec = embedding_optimizer_kwargs(name, lr, device)
+    tables = table_modules(model)
+    if not tables:
+        raise ValueError("apply_embedding_optimizer: the model has no EmbeddingBagCollection")
+    for ebc in tables:
+        params = list(ebc.parameters())
+        if any(hasattr(p, "_in_backward_optimizers") for p in params):
+            raise ValueError("apply_embedding_optimizer: an in-backward optimizer is already attached")
+        with warnings.catch_warnings():  # torchrec's wrapper warns that it forwards to torch's
+            warnings.simplefilter("ignore", DeprecationWarning)
+            # A fresh dict per EBC: torchrec's sharder writes the fbgemm type into it.
+            apply_optimizer_in_backward(spec.optimizer_class, params, dict(spec.kwargs))
+    return spec
+
+
+def _is_table_parameter(param: nn.Parameter, table_ids: set) -> bool:
+    return hasattr(param, "_in_backward_optimizers") or id(param) in table_ids
+
+
+def dense_parameters(model: nn.Module) -> Iterator[Tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of every trainable parameter that is not a table weight.
+
+    Table weights are those with an in-backward optimizer (sharded or not, torchrec's own
+    criterion) and any weight of an unsharded EBC (also without one attached).
+    """
+    table_ids = {id(p) for ebc in table_modules(model) for p in ebc.parameters()}
+    for name, param in model.named_parameters():
+        if param.requires_grad and not _is_table_parameter(param, table_ids):
+            yield name, param
+
+
+def dense_optimizer(
+    model: nn.Module, lr: float, betas: Tuple[float, float] = (0.9, 0.98), weight_decay: float = 0.0
+) -> torch.optim.AdamW:
+    """AdamW over :func:`dense_parameters` (the reference HSTU: lr 1e-3, betas (0.9, 0.98), wd 0)."""
+    params = [p for _, p in dense_parameters(model)]
+    if not params:
+        raise ValueError("dense_optimizer: the model has no dense parameters")
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)

@@ -1,0 +1,198 @@
+"""COBRA: interleaved layout, cloned timestamps, supervision masks, the dual loss, and the CLI end to end."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from sidvid_rec.data.batches import FEATURE_KEYS, SequenceBatch
+from sidvid_rec.losses import InfoNCELoss, SampledSoftmaxLoss
+from sidvid_rec.models.cobra import CobraRecommender, sid_catalog
+from sidvid_rec.modules.embeddings import ItemEmbeddings
+from sidvid_rec.modules.hstu import HSTUEncoder
+from sidvid_rec.modules.interleave import (SID_TYPE, VID_TYPE, append_step, deinterleave, interleave,
+                                           interleave_layout, supervision)
+from sidvid_rec.ops import jagged
+
+NUM_ITEMS, DIM = 30, 8
+
+
+def _codes(num_items: int = NUM_ITEMS, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 3, size=(num_items + 1, 2))
+    codes[0] = -1
+    return codes
+
+
+def tiny_model(negatives: str = "in_batch_global", seed: int = 0, text: bool = False) -> CobraRecommender:
+    torch.manual_seed(seed)
+    codes = _codes()
+    emb = ItemEmbeddings.from_codes(NUM_ITEMS, DIM, "cobra", codes)
+    enc = HSTUEncoder(max_len=2 * 6 + 1, dim=DIM, num_blocks=1, num_heads=1, dqk=DIM, dv=DIM, dropout=0.0,
+                      attn_dropout=0.0)
+    text_emb = torch.randn(NUM_ITEMS + 1, 5) if text else None
+    return CobraRecommender(emb, enc, SampledSoftmaxLoss(NUM_ITEMS, 16, 0.1),
+                            InfoNCELoss(NUM_ITEMS, negatives, 16, queue_size=32, dim=DIM, temperature=0.1),
+                            codes, vid_weight=0.5, temperature=0.1, text_embeddings=text_emb)
+
+
+def make_batch(histories, targets, training: bool) -> SequenceBatch:
+    """Hand-built batch; timestamps are 100 * (position + 1) + 7 * sequence."""
+    items, times, tgt, tgt_times, lengths, tgt_lengths = [], [], [], [], [], []
+    for b, (hist, target) in enumerate(zip(histories, targets)):
+        ts = [100 * (i + 1) + 7 * b for i in range(len(hist) + 1)]
+        items += hist
+        times += ts[:-1]
+        lengths.append(len(hist))
+        if training:  # a target per position: the next item
+            full = hist + [target]
+            tgt += full[1:]
+            tgt_times += ts[1:]
+            tgt_lengths.append(len(hist))
+        else:
+            tgt.append(target)
+            tgt_times.append(ts[-1])
+            tgt_lengths.append(1)
+    values = torch.tensor(items + times + tgt + tgt_times, dtype=torch.int64)
+    all_lengths = torch.tensor(lengths + lengths + tgt_lengths + tgt_lengths, dtype=torch.int32)
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=FEATURE_KEYS, values=values, lengths=all_lengths)
+    n = len(histories)
+    return SequenceBatch(kjt, torch.arange(n), torch.ones(n), training)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+@pytest.mark.parametrize("drop_last_vid", [True, False])
+def test_interleave_round_trip(drop_last_vid):
+    torch.manual_seed(0)
+    lengths = torch.tensor([3, 1, 5, 2])
+    offsets = jagged.lengths_to_offsets(lengths)
+    steps = int(lengths.sum())
+    sid, vid = torch.randn(steps, 4), torch.randn(steps, 4)
+    layout = interleave_layout(offsets, torch.arange(steps) * 10, drop_last_vid=drop_last_vid)
+    tokens = interleave(sid, vid, layout)
+    expected_lengths = 2 * lengths - (1 if drop_last_vid else 0)
+    assert torch.equal(jagged.offsets_to_lengths(layout.offsets), expected_lengths)
+    assert tokens.shape[0] == int(expected_lengths.sum())
+    back = deinterleave(tokens, layout)
+    assert torch.equal(back.sid, sid)
+    assert torch.equal(back.vid, vid[back.vid_steps])
+    kept = torch.ones(steps, dtype=torch.bool)
+    if drop_last_vid:
+        kept[offsets[1:] - 1] = False
+    assert torch.equal(back.vid_steps, torch.nonzero(kept).flatten())
+    # tokens alternate SID, VID inside each sequence and positions count tokens
+    assert torch.equal(layout.positions, jagged.index_within_sequence(layout.offsets))
+    assert torch.equal(layout.token_type, layout.positions % 2)
+
+
+def test_cloned_timestamps_give_delta_zero_within_a_step():
+    offsets = torch.tensor([0, 3, 5])
+    ts = torch.tensor([100, 250, 900, 40, 70])
+    for query_time in ("target", "own"):
+        layout = interleave_layout(offsets, ts, query_time=query_time)
+        sid_rows = torch.nonzero(layout.sid_mask).flatten()
+        vid_rows = torch.nonzero(layout.vid_mask).flatten()
+        # both tokens of a step carry the step's time (keys)
+        assert torch.equal(layout.timestamps[sid_rows], ts)
+        assert torch.equal(layout.timestamps[vid_rows], ts[layout.source[vid_rows]])
+        # the query generating a VID (the SID token) sees its twin SID at delta 0 ...
+        twin_dt = layout.query_timestamps[sid_rows] - layout.timestamps[sid_rows]
+        assert torch.equal(twin_dt, torch.zeros(5, dtype=torch.long))
+    own = interleave_layout(offsets, ts, query_time="own")
+    vid_rows = torch.nonzero(own.vid_mask).flatten()
+    # ... and with own-time queries the VID token also sees the SID of its step at delta 0
+    own_dt = own.query_timestamps[vid_rows] - own.timestamps[vid_rows - 1]
+    assert torch.equal(own_dt, torch.zeros(3, dtype=torch.long))
+    target = interleave_layout(offsets, ts, query_time="target")
+    # target-time: the VID of step t queries with the time of step t + 1 (the SID it generates)
+    assert target.query_timestamps[torch.nonzero(target.vid_mask).flatten()].tolist() == [250, 900, 70]
+    # the HSTU time bias buckets dt = query_ts[i] - ts[j]: bucket 0 between twins, > 0 across steps
+    buckets = jagged.time_bucket(own.query_timestamps.unsqueeze(1) - own.timestamps.unsqueeze(0), 64)  # [T2, T2]
+    assert int(buckets[1, 0]) == 0 and int(buckets[3, 2]) == 0  # VID_t -> SID_t (sequence 0)
+    assert int(buckets[2, 1]) > 0 and int(buckets[4, 0]) > 0  # across steps
+
+
+def test_masks_select_the_intended_positions():
+    batch = make_batch([[10, 11], [20]], [12, 21], training=True)
+    model = tiny_model()
+    targets = batch.jagged("target_id")
+    last = targets.offsets()[1:] - 1
+    target_times = batch.jagged("target_timestamp").values()[last]
+    items, times, offsets = model._steps(batch, targets.values()[last], target_times)
+    assert items.tolist() == [10, 11, 12, 20, 21]
+    layout = interleave_layout(offsets, times)
+    # tokens: S10 V10 S11 V11 S12 | S20 V20 S21
+    assert layout.token_type.tolist() == [SID_TYPE, VID_TYPE, SID_TYPE, VID_TYPE, SID_TYPE, SID_TYPE, VID_TYPE, SID_TYPE]
+    assert layout.sid_mask.tolist() == [True, False, True, False, True, True, False, True]
+    assert layout.vid_mask.tolist() == [not m for m in layout.sid_mask.tolist()]
+    sup = supervision(layout, items)
+    assert sup.sid_rows.tolist() == [1, 3, 6] and sup.sid_targets.tolist() == [11, 12, 21]
+    assert sup.vid_rows.tolist() == [0, 2, 4, 5, 7] and sup.vid_targets.tolist() == [10, 11, 12, 20, 21]
+
+
+def test_append_step():
+    values, offsets = append_step(torch.tensor([1, 2, 3, 4]), torch.tensor([0, 3, 3, 4]), torch.tensor([7, 8, 9]))
+    assert values.tolist() == [1, 2, 3, 7, 8, 4, 9] and offsets.tolist() == [0, 4, 5, 7]
+
+
+def test_sid_catalog():
+    codes = np.array([[-1, -1], [1, 2], [0, 1], [1, 2], [0, 0]])
+    cat = sid_catalog(codes)
+    assert cat.sid_of_item.tolist() == [-1, 2, 1, 2, 0]
+    assert codes[cat.sid_items.numpy()].tolist() == [[0, 0], [0, 1], [1, 2]]
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@pytest.mark.parametrize("negatives", ["in_batch", "in_batch_global", "queue"])
+def test_dual_loss_one_backward(negatives):
+    model = tiny_model(negatives, text=negatives == "queue")
+    batch = make_batch([[1, 2, 3, 4], [5, 6], [7, 8, 9]], [5, 7, 1], training=True)
+    out = model(batch, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss) and out.num_positions == 4 + 2 + 3
+    assert torch.allclose(out.loss.detach(), out.sid_loss + 0.5 * out.vid_loss)
+    out.loss.backward()
+    grads = [p.grad for p in model.encoder.parameters()] + [model.type_emb.weight.grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    if negatives == "queue":
+        assert len(model.vid_loss.queue) == 9 + 3  # every step's VID entry entered the queue
+        assert model.text_proj.weight.grad is not None
+
+
+def test_vid_query_depends_on_appended_sid_and_state_does_not():
+    model = tiny_model().eval()
+    batch = make_batch([[1, 2, 3], [4, 5]], [6, 7], training=False)
+    inputs = model.prepare(batch)
+    a, b = torch.randn(2, DIM), torch.randn(2, DIM)
+    assert not torch.allclose(model.vid_queries(inputs, a), model.vid_queries(inputs, b))
+    state = model.next_sid_states(inputs)
+    sid_tokens = inputs.sid_tokens.index_copy(0, inputs.placeholder_steps, a)
+    h = model._encode(inputs.layout, sid_tokens, inputs.vid_tokens)
+    assert torch.allclose(h[inputs.layout.last_rows() - 1], state, atol=1e-6)  # causal
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_train_and_evaluate(tmp_path, cache_dir):
+    from sidvid_rec.cli import main
+
+    sids = str(tmp_path / "sids")
+    common = [f"data.cache_dir={cache_dir}", "sids.encoder=tfidf", "sids.tfidf_dim=16", "sids.codebook_size=8",
+              "sids.layers=2", "sids.kmeans_iters=3", "sids.balance_iters=3"]
+    assert main(["sids", "build", "--out", sids, "--no-progress"] + common) == 0
+    run = str(tmp_path / "run")
+    rc = main(["train", "--run-dir", run, "model.mode=cobra", f"sids.dir={sids}", "train.epochs=1", "train.max_steps=2",
+               "data.max_len=10", "train.batch_size=64", "model.dim=16", "model.dqk=16", "model.dv=16",
+               "model.num_blocks=1", "eval.ks=[1,10]", "eval.batch_size=512"] + common)
+    assert rc == 0
+    metrics = json.load(open(tmp_path / "run" / "metrics.json"))
+    assert set(metrics["test"]) == {"hr@1", "hr@10", "ndcg@10", "mrr", "count"} and metrics["test"]["count"] == 610
+    assert main(["evaluate", run, "--decoder", "beam", "eval.beam_size=2", "eval.beam_ann=10"]) == 0
+    beam = json.load(open(tmp_path / "run" / "metrics.json"))["test"]
+    assert 0.0 <= beam["hr@1"] <= beam["hr@10"] <= 1.0 and beam["count"] == 610
