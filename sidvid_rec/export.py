@@ -25,6 +25,7 @@ from sidvid_rec.config import Config
 from sidvid_rec.data import SequenceData, load_sequences
 from sidvid_rec.errors import ArtifactError, ConfigError
 from sidvid_rec.retrieval import export_index as ex
+from sidvid_rec.retrieval.cobra_export import cobra_manifest_section
 from sidvid_rec.retrieval.faiss_index import VidIndex
 from sidvid_rec.train import checkpoint as ckpt
 
@@ -62,13 +63,14 @@ def item_vectors(module: torch.nn.Module, mode: str) -> Dict[str, torch.Tensor]:
     ``inputs`` is what the model looks up for a history item; ``candidates`` is what it
     scores (what FAISS indexes). COBRA keeps SID and VID apart: its candidates are the VID
     vectors (ID row + text projection), and ``sid_vectors [S, D]`` (one per valid SID, what a
-    decoder appends) is exported too.
+    decoder appends and a history item's SID token) and ``sid_of_item [N+1]`` (each item's
+    SID index, -1 for padding) are exported too.
     """
-    if mode not in ex.RETRIEVABLE_MODES:
+    if mode not in ex.INNER_PRODUCT_MODES:
         sid_table, candidates = module.decoding_tables()
         inputs = module.vid_vectors(torch.arange(module.num_items + 1))
         return {"inputs": inputs.contiguous(), "candidates": candidates.contiguous(),
-                "sid_vectors": sid_table.contiguous()}
+                "sid_vectors": sid_table.contiguous(), "sid_of_item": module.sid_of_item.contiguous()}
     inputs = module.embeddings.all_item_vectors()
     candidates = inputs / inputs.norm(dim=-1, keepdim=True).clamp(min=1e-6)
     return {"inputs": inputs.contiguous(), "candidates": candidates.contiguous()}
@@ -113,6 +115,15 @@ def _manifest(cfg: Config, data: SequenceData, record: ckpt.CheckpointRecord, ru
     }
 
 
+def _cobra_section(cfg: Config, module: torch.nn.Module) -> Dict[str, Any]:
+    """The manifest's ``cobra`` section: what decoding needs besides the tensors (the model's
+    own temperature and query-time rule, the history length, the run's decoder defaults)."""
+    from sidvid_rec.models.cobra_builder import decoder_settings
+
+    return cobra_manifest_section(cfg.data.max_len, module.query_time, module.temperature, cfg.eval.decoder,
+                                  decoder_settings(cfg.eval))
+
+
 def run_config(run_dir: str, overrides: Sequence[str] = ()) -> Config:
     """The run's saved config with ``eval.*`` / ``retrieval.*`` overrides (nothing that shapes the model)."""
     from sidvid_rec.config import config_from_dict, parse_override
@@ -130,7 +141,8 @@ def run_config(run_dir: str, overrides: Sequence[str] = ()) -> Config:
 def export_run(run_dir: str, out: str, checkpoint: str = "best", overrides: Sequence[str] = ()) -> Dict[str, Any]:
     """Writes the export of ``run_dir``'s ``checkpoint`` (``best``, ``latest`` or a record path) to ``out``.
 
-    ``overrides``: ``eval.*`` / ``retrieval.*`` settings (index kind, history filtering).
+    ``overrides``: ``eval.*`` / ``retrieval.*`` settings (index kind, history filtering, and
+    for COBRA the default decoder and its settings recorded in the manifest).
     Returns a summary (paths, shapes). Nothing is left at ``out`` unless the whole export
     was written.
     """
@@ -156,10 +168,12 @@ def export_run(run_dir: str, out: str, checkpoint: str = "best", overrides: Sequ
         ex.TABLES: safetensors.torch.save(parts["tables"]),
         ex.DENSE: safetensors.torch.save(parts["dense"]),
         ex.ITEM_VECTORS: safetensors.torch.save({"item_vectors": vectors["inputs"],
-                                                 **({"sid_vectors": vectors["sid_vectors"]} if "sid_vectors" in vectors else {})}),
+                                                 **{k: v for k, v in vectors.items() if k.startswith("sid_")}}),
         ex.ITEMS: _items_json(data),
     }
     manifest = _manifest(cfg, data, record, run_dir, parts["tables"], module.encoder.max_len)  # COBRA: 2 tokens/item
+    if cfg.model.mode == ex.COBRA_MODE:  # id/sid/sid_id manifests are unchanged
+        manifest["cobra"] = _cobra_section(cfg, module)
     out = io.expand(out)
     with io.atomic_dir(out) as tmp:
         index.save(os.path.join(tmp, ex.INDEX))

@@ -55,6 +55,8 @@ def test_exported_tables_equal_the_trained_model(exported):
         assert torch.equal(vectors, unwrap(model).embeddings.all_item_vectors())
     manifest = json.loads((exported["out"] / "manifest.json").read_text())
     assert manifest["tables"] == {"item_id": [data.num_items + 1, 18]}
+    assert "cobra" not in manifest  # the COBRA decoding section is written for mode cobra only
+    assert set(safetensors.torch.load_file(str(exported["out"] / "item_vectors.safetensors"))) == {"item_vectors"}
     assert set(manifest["files"]) == {"tables.safetensors", "dense.safetensors", "item_vectors.safetensors",
                                       "index.faiss", "items.json"}
 
@@ -123,6 +125,8 @@ def test_bad_exports_are_refused_in_one_line(exported, tmp_path, capsys):
     good = exported["out"]
     assert "not an export directory" in _error(capsys, ["retrieve", str(tmp_path), "--history", "1"])
     assert "not in this export's catalogue" in _error(capsys, ["retrieve", str(good), "--history", "1,999999999"])
+    assert "--decoder applies to COBRA exports; this export is mode id" in _error(
+        capsys, ["retrieve", str(good), "--history", "1", "--decoder", "beam"])
 
     missing = tmp_path / "missing"
     shutil.copytree(good, missing)

@@ -5,11 +5,13 @@
   artifacts (modes that use them), item titles and raw ids, and a manifest with the sha256
   of every file. Prints a JSON summary.
 * ``retrieve DIR --history ID,ID,... [--k 10] [--timestamps T,T,...] [--query-time T]
-  [--internal-ids] [--decoder ...]``: loads only the export (verified against its
-  manifest; no training code, no pickle) and prints one JSON object
+  [--internal-ids] [--decoder direct|neighbor|soft|beam]``: loads only the export (verified
+  against its manifest; no training code, no pickle) and prints one JSON object
   ``{"items": [{"item_id", "title", "score"}, ...]}``, best first. ``--history`` takes the
   data set's own item ids (e.g. MovieLens ``movieId``), oldest first, and ``item_id`` in the
   output is the same kind of id; ``--internal-ids`` switches both to the contiguous ids 1..N.
+  A COBRA export decodes with ``--decoder`` (default: the run's ``eval.decoder``, with the
+  decoder settings recorded at export); other modes take no decoder.
 """
 
 import argparse
@@ -24,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--checkpoint", default="best",
                         help="best (default), latest, or the path of a checkpoint record (checkpoints/*.pt)")
     export.add_argument("overrides", nargs="*", metavar="section.key=value",
-                        help="retrieval.* (FAISS index kind ...) and eval.* (eval.filter_history) overrides")
+                        help="retrieval.* (FAISS index kind ...) and eval.* (eval.filter_history; COBRA: "
+                             "eval.decoder and the decoder settings retrieve uses) overrides")
     export.set_defaults(func=run_export)
 
     retrieve = subparsers.add_parser("retrieve", help="top-K items for a history, from an export directory")
@@ -39,7 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     retrieve.add_argument("--internal-ids", action="store_true",
                           help="--history and the output use internal ids 1..N instead of raw ids")
     retrieve.add_argument("--decoder", choices=["direct", "neighbor", "soft", "beam"], default=None,
-                          help="COBRA decoder; modes id/sid/sid_id need none (their top-K is exact inner product)")
+                          help="COBRA decoder (default: the run's eval.decoder); modes id/sid/sid_id take none "
+                               "(their top-K is exact inner product)")
     retrieve.set_defaults(func=run_retrieve)
 
 
@@ -62,18 +66,15 @@ def _int_list(text: Optional[str], what: str) -> Optional[List[int]]:
 
 
 def run_retrieve(args: argparse.Namespace) -> int:
-    from sidvid_rec.errors import ConfigError
-    from sidvid_rec.retrieval.export_index import RETRIEVABLE_MODES, load_export
+    from sidvid_rec.retrieval.export_index import load_export
 
     history = [t.strip() for t in args.history.split(",") if t.strip()]
     if args.internal_ids:
         history = _int_list(args.history, "--history")
     timestamps = _int_list(args.timestamps, "--timestamps")
     model = load_export(args.export_dir)
-    if args.decoder is not None and model.mode in RETRIEVABLE_MODES:
-        raise ConfigError(f"--decoder applies to COBRA exports; this export is mode {model.mode}")
     result = model.retrieve(history, k=args.k, timestamps=timestamps, query_time=args.query_time,
-                            raw_ids=not args.internal_ids)
+                            raw_ids=not args.internal_ids, decoder=args.decoder)
     items = result.items
     if args.internal_ids:
         items = [dict(item, item_id=int(i)) for item, i in zip(items, result.ids)]

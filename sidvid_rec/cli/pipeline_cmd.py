@@ -91,7 +91,9 @@ class Plan:
         trained = {"train": self.stamps.get("train", {}).get("inputs"), "best": self._manifest_digest(best)}
         if step == "evaluate":
             return _digest({**trained, "eval": vars(c.eval)})
-        return _digest({**trained, "retrieval": vars(c.retrieval), "filter_history": c.eval.filter_history})
+        # A COBRA export also records the run's decoder and its settings (retrieve's defaults).
+        decoding = {"decoding": _without(c.eval, "ks", "batch_size")} if c.model.mode == "cobra" else {}
+        return _digest({**trained, "retrieval": vars(c.retrieval), "filter_history": c.eval.filter_history, **decoding})
 
     def artifact_ok(self, step: str) -> bool:
         paths = {

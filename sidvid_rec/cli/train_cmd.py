@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 
 from sidvid_rec.cli.common import add_config_args, config_from_args
 
@@ -18,5 +19,7 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     results = run_training(cfg, args.run_dir)
-    print(json.dumps(results))
+    # Under torchrun every rank returns the same (reduced) metrics: print them once.
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(results))
     return 0

@@ -6,16 +6,18 @@ Example::
     top = decode("beam", ctx, batch, k=10)          # top.items [B, 10], distinct, no history
 """
 
-from typing import Callable, Dict
+from typing import TYPE_CHECKING, Callable, Dict
 
-from sidvid_rec.data.batches import SequenceBatch
 from sidvid_rec.decode.base import DecodeContext, DecoderKind, DecoderSettings, TopK
 from sidvid_rec.decode.beam import decode_beam
 from sidvid_rec.decode.direct import decode_direct
 from sidvid_rec.decode.neighbor import decode_neighbor
 from sidvid_rec.decode.soft import decode_soft
 
-DECODERS: Dict[str, Callable[[DecodeContext, SequenceBatch, int], TopK]] = {
+if TYPE_CHECKING:  # torchrec-free at run time: an export decodes without the training stack
+    from sidvid_rec.data.batches import SequenceBatch
+
+DECODERS: Dict[str, Callable[[DecodeContext, "SequenceBatch", int], TopK]] = {
     "direct": decode_direct,
     "neighbor": decode_neighbor,
     "soft": decode_soft,
@@ -23,7 +25,7 @@ DECODERS: Dict[str, Callable[[DecodeContext, SequenceBatch, int], TopK]] = {
 }
 
 
-def decode(kind: DecoderKind, ctx: DecodeContext, batch: SequenceBatch, k: int) -> TopK:
+def decode(kind: DecoderKind, ctx: DecodeContext, batch: "SequenceBatch", k: int) -> TopK:
     """Top-``k`` distinct items of every example of ``batch`` with decoder ``kind``."""
     if kind not in DECODERS:
         raise ValueError(f"unknown decoder {kind!r}; choose one of {', '.join(DECODERS)}")

@@ -6,16 +6,23 @@ the catalogue of *valid* SIDs (``sid_table [S, D]``: the distinct code tuples of
 set), which plays the role of a trie over valid SIDs: no decoder can ever produce a SID that
 no item carries. Items are retrieved from a FAISS index over the VID vectors
 (:class:`~sidvid_rec.retrieval.VidIndex`).
+
+Decoders read only ``batch.jagged("item_id")`` (``values()``, ``offsets()``: the history to
+filter) and hand the batch to ``model.prepare``; so the batch is a
+:class:`~sidvid_rec.data.batches.SequenceBatch` in evaluation and a torchrec-free
+:class:`~sidvid_rec.retrieval.cobra_export.HistoryBatch` when decoding from an export.
 """
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol, Tuple
+from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, Tuple
 
 import torch
 from torch import Tensor
 
-from sidvid_rec.data.batches import SequenceBatch
 from sidvid_rec.retrieval import SearchResult, VidIndex
+
+if TYPE_CHECKING:  # torchrec-free at run time: an export decodes without the training stack
+    from sidvid_rec.data.batches import SequenceBatch
 
 DecoderKind = Literal["direct", "neighbor", "soft", "beam"]
 BeamFuse = Literal["prod", "sum", "softmax"]
@@ -45,7 +52,7 @@ class CobraDecodingModel(Protocol):
 
     temperature: float
 
-    def prepare(self, batch: SequenceBatch):
+    def prepare(self, batch: "SequenceBatch"):
         """History tokens + a placeholder next step (opaque to decoders)."""
 
     def next_sid_states(self, inputs) -> Tensor:
@@ -78,7 +85,7 @@ class TopK(NamedTuple):
     """``[B, K]`` the decoder's ranking score of each item."""
 
 
-def retrieve(ctx: DecodeContext, batch: SequenceBatch, queries: Tensor, k: int) -> SearchResult:
+def retrieve(ctx: DecodeContext, batch: "SequenceBatch", queries: Tensor, k: int) -> SearchResult:
     """ANN top-``k`` of ``queries [B, D]``, the batch's history items removed when filtering."""
     if not ctx.filter_history:
         return ctx.index.search(queries, k)

@@ -19,12 +19,16 @@ logit, so with ``alpha = 1`` the list is ordered by SID score alone (then by VID
 one SID's items).
 """
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-from sidvid_rec.data.batches import SequenceBatch
 from sidvid_rec.decode.base import BeamFuse, DecodeContext, TopK, first_occurrence, retrieve, sid_scores, top_sids
 from sidvid_rec.retrieval import MISSING_ID
+
+if TYPE_CHECKING:  # torchrec-free at run time: an export decodes without the training stack
+    from sidvid_rec.data.batches import SequenceBatch
 
 
 def fuse_scores(fuse: BeamFuse, sid_logits_all: Tensor, beam_sids: Tensor, vid_logits: Tensor,
@@ -65,7 +69,7 @@ def rank_candidates(items: Tensor, fused: Tensor, tie_break: Tensor, k: int) -> 
                 ranked_scores.gather(1, pick).masked_fill(~kept, float("-inf")))
 
 
-def decode_beam(ctx: DecodeContext, batch: SequenceBatch, k: int) -> TopK:
+def decode_beam(ctx: DecodeContext, batch: "SequenceBatch", k: int) -> TopK:
     s = ctx.settings
     inputs = ctx.model.prepare(batch)
     logits = sid_scores(ctx, inputs)  # [B, S]

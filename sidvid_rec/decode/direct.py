@@ -4,11 +4,15 @@ Only the history's items are filtered from the final list (the predicted SID is 
 a filter, so the target is never masked by a wrong SID).
 """
 
-from sidvid_rec.data.batches import SequenceBatch
+from typing import TYPE_CHECKING
+
 from sidvid_rec.decode.base import DecodeContext, TopK, as_topk, retrieve, sid_scores
 
+if TYPE_CHECKING:  # torchrec-free at run time: an export decodes without the training stack
+    from sidvid_rec.data.batches import SequenceBatch
 
-def decode_direct(ctx: DecodeContext, batch: SequenceBatch, k: int) -> TopK:
+
+def decode_direct(ctx: DecodeContext, batch: "SequenceBatch", k: int) -> TopK:
     """``k`` items per example of ``batch`` (``TopK.items [B, k]``)."""
     inputs = ctx.model.prepare(batch)
     best = sid_scores(ctx, inputs).argmax(dim=1)  # [B]

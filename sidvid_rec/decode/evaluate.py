@@ -5,14 +5,16 @@ list, or infinity when it is absent (a miss counts 0 in HR@k, NDCG@k and MRR), s
 NDCG@k match full ranking for every k <= K and MRR is truncated at K.
 """
 
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from sidvid_rec.data.batches import SequenceBatch
 from sidvid_rec.decode import DecodeContext, DecoderKind, decode
 from sidvid_rec.eval.metrics import RankMetrics
+
+if TYPE_CHECKING:  # torchrec-free at run time: an export decodes without the training stack
+    from sidvid_rec.data.batches import SequenceBatch
 
 
 def list_ranks(items: Tensor, targets: Tensor) -> Tensor:
@@ -23,7 +25,7 @@ def list_ranks(items: Tensor, targets: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate_decoder(kind: DecoderKind, ctx: DecodeContext, batches: Iterable[SequenceBatch], ks: Sequence[int],
+def evaluate_decoder(kind: DecoderKind, ctx: DecodeContext, batches: Iterable["SequenceBatch"], ks: Sequence[int],
                      device: torch.device) -> RankMetrics:
     """Accumulates rank metrics of decoder ``kind`` over ``batches`` (this process's share)."""
     metrics = RankMetrics(ks)

@@ -2,11 +2,15 @@
 SID (cosine between SID vectors, itself excluded) before the VID query: robustness to a
 biased cluster centre or an unstable top-1."""
 
+from typing import TYPE_CHECKING
+
 from torch import Tensor
 
-from sidvid_rec.data.batches import SequenceBatch
 from sidvid_rec.decode.base import DecodeContext, TopK, as_topk, retrieve, sid_scores
 from sidvid_rec.losses import l2_normalize
+
+if TYPE_CHECKING:  # torchrec-free at run time: an export decodes without the training stack
+    from sidvid_rec.data.batches import SequenceBatch
 
 
 def nearest_other_sid(sid_table: Tensor, sids: Tensor) -> Tensor:
@@ -22,7 +26,7 @@ def nearest_other_sid(sid_table: Tensor, sids: Tensor) -> Tensor:
     return sims.argmax(dim=1)
 
 
-def decode_neighbor(ctx: DecodeContext, batch: SequenceBatch, k: int) -> TopK:
+def decode_neighbor(ctx: DecodeContext, batch: "SequenceBatch", k: int) -> TopK:
     inputs = ctx.model.prepare(batch)
     best = sid_scores(ctx, inputs).argmax(dim=1)
     neighbor = nearest_other_sid(ctx.sid_table, best)

@@ -2,10 +2,14 @@
 ``sum_j w_j sid_vec_j`` with ``w = softmax(cosine_j / tau)`` (default tau 0.5): the SID is
 treated as a distribution rather than a hard token."""
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from sidvid_rec.data.batches import SequenceBatch
 from sidvid_rec.decode.base import DecodeContext, TopK, as_topk, cosine_from_logits, retrieve, sid_scores, top_sids
+
+if TYPE_CHECKING:  # torchrec-free at run time: an export decodes without the training stack
+    from sidvid_rec.data.batches import SequenceBatch
 
 
 def soft_sid_embedding(ctx: DecodeContext, logits: torch.Tensor) -> torch.Tensor:
@@ -16,7 +20,7 @@ def soft_sid_embedding(ctx: DecodeContext, logits: torch.Tensor) -> torch.Tensor
     return (weights.unsqueeze(2) * ctx.sid_table[sids]).sum(dim=1)  # [B, D]
 
 
-def decode_soft(ctx: DecodeContext, batch: SequenceBatch, k: int) -> TopK:
+def decode_soft(ctx: DecodeContext, batch: "SequenceBatch", k: int) -> TopK:
     inputs = ctx.model.prepare(batch)
     queries = ctx.model.vid_queries(inputs, soft_sid_embedding(ctx, sid_scores(ctx, inputs)))
     return as_topk(retrieve(ctx, batch, queries, k))

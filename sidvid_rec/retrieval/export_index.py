@@ -11,13 +11,19 @@ Export directory (written by :func:`sidvid_rec.export.export_run`)::
                                ``item_id [N+1, D]`` and/or ``sid_prefix [S, D]``
     item_vectors.safetensors   ``item_vectors [N+1, D]``: each item's (fused) input vector,
                                i.e. what the model looks up for a history item (COBRA: the
-                               VID vectors, plus ``sid_vectors [S, D]`` of the valid SIDs)
+                               VID vectors, plus ``sid_vectors [S, D]`` of the valid SIDs and
+                               ``sid_of_item [N+1]``, each item's SID among them)
     dense.safetensors          every other parameter (HSTU encoder ``encoder.*``, fusion ...)
     index.faiss                FAISS index (:class:`~sidvid_rec.retrieval.faiss_index.VidIndex`,
                                ``retrieval.index`` of the run; flat = exact inner product) over
                                the L2-normalised item vectors of items 1..N (id = internal id)
     items.json                 ``raw_ids`` and ``titles`` per internal id (0 = padding)
     sids/                      copy of the semantic-ID artifacts (modes sid, sid_id, cobra)
+
+Modes ``id``, ``sid`` and ``sid_id`` retrieve by exact inner product of the encoder state
+with the item vectors. COBRA exports decode with the run's own decoders
+(:mod:`sidvid_rec.retrieval.cobra_export`): the manifest's ``cobra`` section records the
+history length, query-time rule, SID temperature, default decoder and decoder settings.
 
 Ids: ``retrieve`` takes and returns the data set's own (raw) item ids, e.g. MovieLens
 ``movieId``; :meth:`ExportedModel.to_internal` maps them to the contiguous ids 1..N.
@@ -27,6 +33,7 @@ Example::
     model = load_export("runs/demo/export")
     result = model.retrieve([1, 50, 260], k=10)      # raw ids, oldest first
     result.items[0]                                  # {"item_id": ..., "title": ..., "score": ...}
+    model.retrieve([1, 50, 260], k=10, decoder="beam")   # COBRA exports: any decoder
 """
 
 import hashlib
@@ -39,9 +46,10 @@ import numpy as np
 import torch
 
 from sidvid_rec import io
-from sidvid_rec.errors import ArtifactError, DataError
+from sidvid_rec.errors import ArtifactError, ConfigError, DataError
 from sidvid_rec.modules.hstu import HSTUEncoder
 from sidvid_rec.ops import jagged
+from sidvid_rec.retrieval.cobra_export import CobraRetriever, HistoryBatch, load_cobra
 from sidvid_rec.retrieval.faiss_index import MISSING_ID, VidIndex
 
 FORMAT = "sidvid_rec.export"
@@ -53,8 +61,10 @@ DENSE = "dense.safetensors"
 INDEX = "index.faiss"
 ITEMS = "items.json"
 SIDS_DIR = "sids"
-RETRIEVABLE_MODES = ("id", "sid", "sid_id")
-"""Modes whose top-K is the encoder state against the item vectors (COBRA decodes SIDs first)."""
+INNER_PRODUCT_MODES = ("id", "sid", "sid_id")
+"""Modes whose top-K is the encoder state against the item vectors (no decoder)."""
+COBRA_MODE = "cobra"
+"""The mode whose top-K comes from a COBRA decoder (SID first, then VID retrieval)."""
 
 
 # ----------------------------------------------------------------------------- integrity
@@ -117,7 +127,11 @@ def read_manifest(directory: str) -> Dict[str, Any]:
 
 @dataclass
 class Retrieved:
-    """Top-K of one history: internal ids, raw ids, titles and inner-product scores (best first)."""
+    """Top-K of one history: internal ids, raw ids, titles and scores (best first).
+
+    Scores are inner products (modes ``id``/``sid``/``sid_id``, COBRA ``direct``/``neighbor``/
+    ``soft``) or the ``beam`` decoder's fused score.
+    """
 
     ids: np.ndarray
     items: List[Dict[str, Any]]
@@ -143,7 +157,8 @@ def _faiss_index(blob: bytes) -> Any:
 
 
 class ExportedModel:
-    """An export loaded for retrieval: encoder, item vectors, FAISS index, item names.
+    """An export loaded for retrieval: encoder, item vectors, FAISS index, item names
+    (COBRA: and the decoder, :class:`~sidvid_rec.retrieval.cobra_export.CobraRetriever`).
 
     Args:
         directory: the export directory.
@@ -155,7 +170,8 @@ class ExportedModel:
         self.directory = directory
         self.manifest = manifest
         self.mode: str = manifest["model"]["mode"]
-        self.item_vectors = _safetensors(blobs[ITEM_VECTORS], ITEM_VECTORS)["item_vectors"]  # [N+1, D]
+        vectors = _safetensors(blobs[ITEM_VECTORS], ITEM_VECTORS)
+        self.item_vectors = vectors["item_vectors"]  # [N+1, D]
         hp = manifest["encoder"]
         self.encoder = HSTUEncoder(max_len=hp["max_len"], dim=hp["dim"], num_blocks=hp["num_blocks"],
                                    num_heads=hp["num_heads"], dqk=hp["dqk"], dv=hp["dv"], dropout=0.0,
@@ -176,6 +192,11 @@ class ExportedModel:
         self.titles: List[str] = items["titles"]
         self._internal = {str(raw): i for i, raw in enumerate(self.raw_ids) if i > 0}
         self.filter_history: bool = bool(manifest.get("filter_history", True))
+        self.cobra: Optional[CobraRetriever] = None
+        if self.mode == COBRA_MODE:
+            self.cobra = load_cobra(manifest, self.encoder, dense, vectors, self.index, self.filter_history)
+        elif self.mode not in INNER_PRODUCT_MODES:
+            raise ArtifactError(f"export {directory} has unknown model mode {self.mode!r}")
 
     @property
     def num_items(self) -> int:
@@ -194,42 +215,51 @@ class ExportedModel:
     @torch.no_grad()
     def query(self, history: Sequence[int], timestamps: Optional[Sequence[int]] = None,
               query_time: Optional[int] = None) -> torch.Tensor:
-        """The encoder state ``[D]`` after ``history`` (internal ids, oldest first).
+        """The encoder state ``[D]`` after ``history`` (internal ids, oldest first); modes
+        ``id``/``sid``/``sid_id`` only (a COBRA export decodes, see :meth:`retrieve`).
 
         ``timestamps`` (one per item, seconds) feed the time bias; the query time is the time of
         the item to predict (default: the last item's). Without timestamps every event counts as
         simultaneous. Only the most recent ``max_len`` items are used.
         """
-        ids = torch.as_tensor(list(history), dtype=torch.long)
-        if ids.numel() == 0:
-            raise DataError("the history is empty: give at least one item")
-        times = torch.zeros_like(ids) if timestamps is None else torch.as_tensor(list(timestamps), dtype=torch.long)
-        if times.shape != ids.shape:
-            raise DataError(f"{times.numel()} timestamps for {ids.numel()} history items")
+        if self.cobra is not None:
+            raise ConfigError("a COBRA export has no single query state: use retrieve(), which runs its decoder")
+        batch = HistoryBatch.single(history, timestamps, query_time)
         max_len = self.encoder.max_len
-        ids, times = ids[-max_len:], times[-max_len:]
+        ids, times = batch.item_ids[-max_len:], batch.timestamps[-max_len:]
         offsets = torch.tensor([0, ids.numel()])
-        last = torch.tensor([int(times[-1]) if query_time is None else int(query_time)])
-        query_times = jagged.next_timestamps(times, offsets, last=last)
+        query_times = jagged.next_timestamps(times, offsets, last=batch.query_times)
         h = self.encoder(self.item_vectors[ids], offsets, times, query_timestamps=query_times)  # [L, D]
         return h[-1]
 
     def retrieve(self, history: Sequence[Any], k: int = 10, timestamps: Optional[Sequence[int]] = None,
-                 query_time: Optional[int] = None, raw_ids: bool = True) -> Retrieved:
-        """Top-``k`` items after ``history`` (raw ids unless ``raw_ids=False``), history items removed."""
+                 query_time: Optional[int] = None, raw_ids: bool = True, decoder: Optional[str] = None) -> Retrieved:
+        """Top-``k`` items after ``history`` (raw ids unless ``raw_ids=False``), history items removed.
+
+        Modes ``id``/``sid``/``sid_id``: exact inner product of the encoder state with the item
+        vectors (through the FAISS index). COBRA: the top-``k`` of ``decoder`` (``direct``,
+        ``neighbor``, ``soft`` or ``beam``; default the run's ``eval.decoder``), exactly as
+        ``sidvid-rec evaluate`` decodes; only the most recent ``max_len`` items are encoded,
+        every history item is filtered.
+        """
         if k <= 0:
             raise DataError(f"--k must be positive, got {k}")
-        if self.mode not in RETRIEVABLE_MODES:
-            raise ArtifactError(f"retrieve supports modes {', '.join(RETRIEVABLE_MODES)}; this export is "
-                                f"mode {self.mode} (COBRA decoding from an export is not available)")
+        if decoder is not None and self.cobra is None:
+            raise ConfigError(f"--decoder applies to COBRA exports; this export is mode {self.mode}")
         internal = self.to_internal(history) if raw_ids else [int(i) for i in history]
         bad = [i for i in internal if not 1 <= i <= self.num_items]
         if bad:
             raise DataError(f"item id {bad[0]} is outside [1, {self.num_items}]")
-        q = self.query(internal, timestamps, query_time)[None, :]  # [1, D]
-        seen = torch.tensor(sorted(set(internal)) if self.filter_history else [], dtype=torch.long)
-        hits = self.index.search_excluding(q, min(k, self.num_items), seen, torch.tensor([0, seen.numel()]))
-        keep = [(int(i), float(s)) for i, s in zip(hits.ids[0], hits.scores[0]) if int(i) != MISSING_ID]
+        k = min(k, self.num_items)
+        if self.cobra is not None:
+            top = self.cobra.top_k(HistoryBatch.single(internal, timestamps, query_time), k, decoder)
+            ids, scores = top.items[0], top.scores[0]
+        else:
+            q = self.query(internal, timestamps, query_time)[None, :]  # [1, D]
+            seen = torch.tensor(sorted(set(internal)) if self.filter_history else [], dtype=torch.long)
+            hits = self.index.search_excluding(q, k, seen, torch.tensor([0, seen.numel()]))
+            ids, scores = hits.ids[0], hits.scores[0]
+        keep = [(int(i), float(s)) for i, s in zip(ids, scores) if int(i) != MISSING_ID]
         items = [{"item_id": self.raw_ids[i], "title": self.titles[i], "score": round(s, 6)} for i, s in keep]
         return Retrieved(np.array([i for i, _ in keep], dtype=np.int64), items)
 

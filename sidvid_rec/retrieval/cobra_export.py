@@ -1,0 +1,253 @@
+"""COBRA decoding from an export: the decoders' model protocol over exported tensors only.
+
+A COBRA export holds everything the decoders of :mod:`sidvid_rec.decode` need, as plain
+tensors (no TorchRec tables, no model class):
+
+* ``item_vectors [N+1, D]``: each item's VID vector (ID row + text projection, unnormalised),
+  what the model feeds as a history item's VID token;
+* ``sid_vectors [S, D]``: the prefixN vector of each valid SID (what a decoder appends, and
+  a history item's SID token: ``sid_vectors[sid_of_item[item]]``);
+* ``sid_of_item [N+1]``: index of each item's SID among the valid SIDs (-1 for padding);
+* ``type_emb.weight [2, D]`` and the HSTU encoder's weights (``dense.safetensors``);
+* the FAISS index over the L2-normalised VID vectors (``index.faiss``).
+
+:class:`ExportedCobra` implements :class:`~sidvid_rec.decode.base.CobraDecodingModel` on them
+with the model's own building blocks (:mod:`sidvid_rec.modules.interleave` for the token
+layout, cloned timestamps, positions and query times; :class:`~sidvid_rec.modules.hstu.HSTUEncoder`),
+so :func:`sidvid_rec.decode.decode` runs unchanged and returns the trained model's top-K.
+:class:`HistoryBatch` is the torchrec-free batch the decoders read (``jagged("item_id")``).
+
+Example::
+
+    cobra = load_cobra(manifest, encoder, dense, vectors, index, filter_history=True)
+    batch = HistoryBatch.single([12, 7, 301], timestamps=[10, 20, 30], query_time=40)
+    top = cobra.top_k(batch, k=10)                        # top.items [1, 10], best first
+"""
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from sidvid_rec.decode import DECODERS, DecodeContext, DecoderKind, DecoderSettings, TopK, decode
+from sidvid_rec.errors import ArtifactError, ConfigError, DataError
+from sidvid_rec.losses import l2_normalize
+from sidvid_rec.modules.hstu import HSTUEncoder
+from sidvid_rec.modules.interleave import QueryTime, TokenLayout, append_step, interleave, interleave_layout
+from sidvid_rec.ops import jagged
+from sidvid_rec.retrieval.faiss_index import VidIndex
+
+PLACEHOLDER_ITEM = 0
+"""Item id of the appended (to be generated) step, as in the model; its SID token is replaced
+per query and its VID token is dropped, so its vectors never reach an output."""
+TYPE_EMB_KEY = "type_emb.weight"
+"""Key of the token-type embedding ``[2, D]`` in ``dense.safetensors``."""
+
+
+# ----------------------------------------------------------------------------- batch
+
+
+class Jagged:
+    """``values()`` / ``offsets()`` of one jagged feature (the part of a JaggedTensor decoders use)."""
+
+    def __init__(self, values: Tensor, offsets: Tensor) -> None:
+        self._values = values
+        self._offsets = offsets
+
+    def values(self) -> Tensor:
+        return self._values
+
+    def offsets(self) -> Tensor:
+        return self._offsets
+
+
+@dataclass(frozen=True)
+class HistoryBatch:
+    """Histories to decode, jagged: ``B`` sequences of steps, oldest first, no targets.
+
+    ``item_ids [S]`` internal ids 1..N, ``timestamps [S]`` their times, ``offsets [B+1]``,
+    ``query_times [B]`` the time of each recommendation (the appended step's time; the
+    model's ``target_timestamp``).
+    """
+
+    item_ids: Tensor
+    timestamps: Tensor
+    offsets: Tensor
+    query_times: Tensor
+
+    @classmethod
+    def single(cls, history: Sequence[int], timestamps: Optional[Sequence[int]] = None,
+               query_time: Optional[int] = None) -> "HistoryBatch":
+        """One history; without ``timestamps`` all events are simultaneous (time 0), and the
+        query time defaults to the last event's time."""
+        ids = torch.as_tensor(list(history), dtype=torch.long)
+        if ids.numel() == 0:
+            raise DataError("the history is empty: give at least one item")
+        times = torch.zeros_like(ids) if timestamps is None else torch.as_tensor(list(timestamps), dtype=torch.long)
+        if times.shape != ids.shape:
+            raise DataError(f"{times.numel()} timestamps for {ids.numel()} history items")
+        when = int(times[-1]) if query_time is None else int(query_time)
+        return cls(ids, times, torch.tensor([0, ids.numel()]), torch.tensor([when]))
+
+    def jagged(self, key: str) -> Jagged:
+        """``item_id`` or ``timestamp`` as a jagged view (the decoders filter ``item_id``)."""
+        if key == "item_id":
+            return Jagged(self.item_ids, self.offsets)
+        if key == "timestamp":
+            return Jagged(self.timestamps, self.offsets)
+        raise KeyError(f"a HistoryBatch has item_id and timestamp, not {key!r}")
+
+
+def keep_recent(offsets: Tensor, max_len: int) -> Tensor:
+    """``[S]`` bool: the last ``max_len`` steps of each sequence (``offsets [B+1]``)."""
+    num_steps = int(offsets[-1])
+    lengths = jagged.offsets_to_lengths(offsets)  # [B]
+    from_end = lengths[jagged.sequence_ids(offsets, num_steps)] - jagged.index_within_sequence(offsets, num_steps)
+    return from_end <= max_len
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class CobraInputs(NamedTuple):
+    """A history batch prepared for decoding (the model's ``EvalInputs``)."""
+
+    layout: TokenLayout
+    sid_tokens: Tensor
+    """``[S + B, D]`` SID-token inputs per step (placeholders' rows replaced per query)."""
+    vid_tokens: Tensor
+    """``[S + B, D]`` VID-token inputs per step (placeholders' unused: their VID is dropped)."""
+    placeholder_steps: Tensor
+    """``[B]`` step row of each sequence's placeholder."""
+
+
+class ExportedCobra:
+    """The COBRA decoding model rebuilt from an export (:class:`~sidvid_rec.decode.base.CobraDecodingModel`).
+
+    Args:
+        encoder: the HSTU encoder with the exported weights, ``max_len >= 2 * max_len + 1`` tokens.
+        type_emb: ``[2, D]`` token-type embedding (SID = 0, VID = 1).
+        item_vectors: ``[N + 1, D]`` unnormalised VID vectors.
+        sid_vectors: ``[S, D]`` SID vectors of the valid SIDs.
+        sid_of_item: ``[N + 1]`` int64 SID index of each item (-1 for the padding item).
+        temperature: of the SID logits (the run's ``loss.temperature``).
+        query_time: ``target`` or ``own`` (the run's ``model.cobra_query_time``).
+        max_len: history steps the model reads (the run's ``data.max_len``); older ones are dropped.
+    """
+
+    def __init__(self, encoder: HSTUEncoder, type_emb: Tensor, item_vectors: Tensor, sid_vectors: Tensor,
+                 sid_of_item: Tensor, temperature: float, query_time: QueryTime, max_len: int) -> None:
+        self.encoder = encoder.eval()
+        self.type_emb = type_emb
+        self.item_vectors = item_vectors
+        self.sid_vectors = sid_vectors
+        self.sid_of_item = sid_of_item
+        self.temperature = temperature
+        self.query_time: QueryTime = query_time
+        self.max_len = max_len
+
+    def prepare(self, batch: HistoryBatch) -> CobraInputs:
+        """The most recent ``max_len`` steps of each history plus a placeholder step at its query time."""
+        keep = keep_recent(batch.offsets, self.max_len)  # [S]
+        offsets = jagged.lengths_to_offsets(jagged.offsets_to_lengths(batch.offsets).clamp(max=self.max_len))
+        placeholders = torch.full_like(batch.query_times, PLACEHOLDER_ITEM)
+        items, step_offsets = append_step(batch.item_ids[keep], offsets, placeholders)  # [S' + B]
+        times, _ = append_step(batch.timestamps[keep], offsets, batch.query_times)
+        layout = interleave_layout(step_offsets, times, drop_last_vid=True, query_time=self.query_time)
+        placeholder_steps = step_offsets[1:] - 1  # [B]
+        sid_tokens = self.sid_vectors[self.sid_of_item[items].clamp(min=0)]  # [S' + B, D]
+        sid_tokens[placeholder_steps] = 0.0
+        return CobraInputs(layout, sid_tokens, self.item_vectors[items], placeholder_steps)
+
+    def _encode(self, layout: TokenLayout, sid_tokens: Tensor, vid_tokens: Tensor) -> Tensor:
+        """Interleaved token inputs -> HSTU outputs ``[T2, D]`` (L2-normalised), as the model."""
+        x = interleave(sid_tokens, vid_tokens, layout) + self.type_emb[layout.token_type]  # [T2, D]
+        return self.encoder(x, layout.offsets, layout.timestamps, positions=layout.positions,
+                            query_timestamps=layout.query_timestamps)
+
+    def next_sid_states(self, inputs: CobraInputs) -> Tensor:
+        """``[B, D]`` output at each history's last VID token (predicts the next SID)."""
+        h = self._encode(inputs.layout, inputs.sid_tokens, inputs.vid_tokens)
+        return h[inputs.layout.last_rows() - 1]
+
+    def vid_queries(self, inputs: CobraInputs, next_sid: Tensor) -> Tensor:
+        """``[B, D]`` outputs at the appended SID token carrying ``next_sid [B, D]``."""
+        sid_tokens = inputs.sid_tokens.index_copy(0, inputs.placeholder_steps, next_sid.to(inputs.sid_tokens.dtype))
+        h = self._encode(inputs.layout, sid_tokens, inputs.vid_tokens)
+        return h[inputs.layout.last_rows()]
+
+    def sid_logits(self, states: Tensor, sid_table: Tensor) -> Tensor:
+        """``states [B, D]`` x ``sid_table [S, D]`` -> cosine / temperature ``[B, S]``."""
+        return l2_normalize(states) @ l2_normalize(sid_table).T / self.temperature
+
+
+class CobraRetriever:
+    """A decode context over an :class:`ExportedCobra` plus the run's default decoder."""
+
+    def __init__(self, context: DecodeContext, default_decoder: DecoderKind) -> None:
+        self.context = context
+        self.default_decoder: DecoderKind = default_decoder
+
+    @torch.no_grad()
+    def top_k(self, batch: HistoryBatch, k: int, decoder: Optional[str] = None) -> TopK:
+        """``TopK`` ``[B, k]`` of decoder ``decoder`` (default: the run's ``eval.decoder``)."""
+        kind = self.default_decoder if decoder is None else decoder
+        if kind not in DECODERS:
+            raise ConfigError(f"unknown decoder {kind!r}; choose one of {', '.join(DECODERS)}")
+        return decode(kind, self.context, batch, k)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def cobra_manifest_section(max_len: int, query_time: str, temperature: float, decoder: str,
+                           settings: DecoderSettings) -> Dict[str, Any]:
+    """The manifest's ``cobra`` section (written by the export, read by :func:`load_cobra`)."""
+    return {"max_len": max_len, "query_time": query_time, "temperature": temperature, "decoder": decoder,
+            "decoder_settings": settings._asdict()}
+
+
+def _settings(raw: Dict[str, Any]) -> DecoderSettings:
+    unknown: List[str] = sorted(set(raw) - set(DecoderSettings._fields))
+    if unknown:
+        raise ArtifactError(f"export manifest: unknown COBRA decoder setting {unknown[0]!r}")
+    return DecoderSettings(**raw)
+
+
+def _check(vectors: Dict[str, Tensor], type_emb: Tensor, section: Dict[str, Any], encoder_max_len: int) -> None:
+    """One-line ArtifactError unless the COBRA tensors and settings fit together."""
+    items, sids, sid_of_item = vectors["item_vectors"], vectors["sid_vectors"], vectors["sid_of_item"]
+    real = sid_of_item[1:]
+    if (sid_of_item.shape != (items.shape[0],) or real.numel() == 0 or int(real.min()) < 0
+            or int(real.max()) >= sids.shape[0]):
+        raise ArtifactError(f"export: sid_of_item {tuple(sid_of_item.shape)} does not fit item_vectors "
+                            f"{tuple(items.shape)} and sid_vectors {tuple(sids.shape)}")
+    if type_emb.shape != (2, items.shape[1]):
+        raise ArtifactError(f"export: {TYPE_EMB_KEY} has shape {tuple(type_emb.shape)}, "
+                            f"expected (2, {items.shape[1]})")
+    if section.get("query_time") not in ("target", "own"):
+        raise ArtifactError(f"export manifest: COBRA query_time {section.get('query_time')!r} is not target or own")
+    if not 1 <= int(section.get("max_len", 0)) <= (encoder_max_len - 1) // 2:
+        raise ArtifactError(f"export manifest: COBRA max_len {section.get('max_len')!r} does not fit the "
+                            f"encoder's {encoder_max_len} tokens")
+
+
+def load_cobra(manifest: Dict[str, Any], encoder: HSTUEncoder, dense: Dict[str, Tensor], vectors: Dict[str, Tensor],
+               index: VidIndex, filter_history: bool) -> CobraRetriever:
+    """The COBRA decoder of an export from its verified files (``dense``, ``vectors``: safetensors contents)."""
+    section = manifest.get("cobra")
+    missing = [name for name, present in (("manifest section cobra", isinstance(section, dict)),
+                                          ("sid_vectors", "sid_vectors" in vectors),
+                                          ("sid_of_item", "sid_of_item" in vectors),
+                                          (TYPE_EMB_KEY, TYPE_EMB_KEY in dense)) if not present]
+    if missing:
+        raise ArtifactError(f"this COBRA export lacks {missing[0]} (written before COBRA retrieval); "
+                            "run `sidvid-rec export` again")
+    _check(vectors, dense[TYPE_EMB_KEY], section, encoder.max_len)
+    model = ExportedCobra(encoder, dense[TYPE_EMB_KEY], vectors["item_vectors"], vectors["sid_vectors"],
+                          vectors["sid_of_item"].long(), temperature=float(section["temperature"]),
+                          query_time=section["query_time"], max_len=int(section["max_len"]))
+    settings = _settings(section.get("decoder_settings", {}))
+    context = DecodeContext(model, vectors["sid_vectors"], index, settings, filter_history)
+    return CobraRetriever(context, section.get("decoder", "direct"))
