@@ -86,7 +86,7 @@ class VidIndex:
         self.kind: IndexKind = kind
         self.dim: int = index.d
         self.on_gpu = False
-        self._set_query_params(ef_search, nprobe)
+        self.set_search_params(ef_search, nprobe)
         self._index = index
         if use_gpu and kind != "hnsw" and gpu_available():
             self._gpu_resources = faiss.StandardGpuResources()
@@ -109,12 +109,17 @@ class VidIndex:
         index.add_with_ids(x, id_array)
         return cls(index, kind, ef_search, nprobe, use_gpu)
 
-    def _set_query_params(self, ef_search: int, nprobe: int) -> None:
+    def set_search_params(self, ef_search: Optional[int] = None, nprobe: Optional[int] = None) -> None:
+        """Changes the query-time knobs of a built index: HNSW ``ef_search``, IVF ``nprobe``
+        (``None`` keeps a knob; a knob of the other kind is ignored). A GPU copy is made
+        again from the CPU index, which holds the knobs."""
         base = faiss.downcast_index(self._cpu_index.index) if hasattr(self._cpu_index, "index") else self._cpu_index
-        if isinstance(base, faiss.IndexHNSW):
+        if ef_search is not None and isinstance(base, faiss.IndexHNSW):
             base.hnsw.efSearch = ef_search
-        if isinstance(base, faiss.IndexIVF):
+        if nprobe is not None and isinstance(base, faiss.IndexIVF):
             base.nprobe = nprobe
+            if self.on_gpu:
+                self._index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self._cpu_index)
 
     @property
     def ntotal(self) -> int:

@@ -1,0 +1,359 @@
+"""Sections 1 and 2 of the suite: training throughput, and HSTU FLOP/s against the matmul limit.
+
+Workers (each runs in its own process, see :func:`benchmarks.common.call_worker`):
+
+* :func:`prepare_sids` -- semantic IDs for a config with the package's API
+  (``tfidf`` item-text embeddings -> ``build_semantic_ids`` -> ``write_semantic_ids``).
+* :func:`train_steps` -- training steps of the real model as the trainer builds it
+  (``build_model``: TorchRec tables under DistributedModelParallel with the fused row-wise
+  Adagrad, ``build_optimizers``: AdamW for the dense part), timed by phase.
+* :func:`trainer_loop` -- ``sidvid_rec.train.trainer.run_training`` itself, with each epoch's
+  training loop timed (evaluation and checkpoints excluded): the figure the reference's
+  training tokens/s (../shared/REFERENCE.md) compares to.
+* :func:`hstu_flops` -- HSTU encoder forward+backward FLOP/s and this machine's fp32 matmul rate.
+
+Phase breakdown of :func:`train_steps` (wall time per step): the model's own modules are
+wrapped with timers (the item tables' ``vectors``/``embed``, the encoder, the losses), so the
+forward runs exactly as in training. The backward is split where the gradient crosses the
+encoder: tensor hooks on the encoder's output and input record when each gradient is ready;
+before the output's hook: the losses (with the candidate-side table backward), between the
+hooks: the encoder, after the input's: the input-side table backward with the fused
+in-backward table update.
+"""
+
+import os
+import statistics
+import time
+from typing import Any, Dict, List, Optional
+
+REFERENCE_TOKENS_PER_S = 6511.0
+"""generative-recommenders' research HSTU, training tokens/s on ML-100k (../shared/REFERENCE.md)."""
+REFERENCE_TOKENS_PER_EPOCH = 84087
+MODES = ("id", "sid_id", "cobra")
+DATASETS = {
+    # name: (data directory under the shared data root, data format, config directory)
+    "ml-100k": ("movielens/ml-100k", "ml-100k", "configs/ml-100k"),
+    "beauty": ("amazon/beauty", "amazon", "configs/amazon-beauty"),
+}
+PHASES = ("data", "embedding", "encoder", "loss", "other", "optimizer")
+
+
+def config_path(dataset: str, mode: str) -> str:
+    return os.path.join(DATASETS[dataset][2], "cobra.yaml" if mode == "cobra" else "hstu.yaml")
+
+
+def _overrides(data_path: str, data_format: str, cache_dir: str, extra: Optional[List[str]] = None) -> List[str]:
+    return [f"data.path={data_path}", f"data.format={data_format}", f"data.cache_dir={cache_dir}", *(extra or [])]
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def prepare_sids(configs: List[str], outs: List[str], data_path: str, data_format: str, cache_dir: str,
+                 threads: int) -> List[Dict[str, Any]]:
+    """Builds each config's semantic IDs (its ``sids`` section) from ``tfidf`` text embeddings into
+    the matching ``outs`` directory; one row of build facts per config."""
+    import numpy as np
+
+    from sidvid_rec.cli.embed_cmd import embed_dataset
+    from sidvid_rec.cli.sids_cmd import rq_params
+    from sidvid_rec.config import load_config
+    from sidvid_rec.data import load_sequences
+    from sidvid_rec.semantic_ids import build_semantic_ids, write_semantic_ids
+    from sidvid_rec.semantic_ids.kmeans import faiss_threads
+
+    rows = []
+    for config, out in zip(configs, outs):
+        cfg = load_config(config, _overrides(data_path, data_format, cache_dir,
+                                             ["sids.encoder=tfidf", f"sids.threads={threads}"]))
+        data = load_sequences(cfg.data)
+        start = time.perf_counter()
+        vectors, manifest = embed_dataset(cfg, data, progress=False)  # cached after the first run
+        embed_s = time.perf_counter() - start
+        x = vectors[1:]
+        start = time.perf_counter()
+        with faiss_threads(cfg.sids.threads):
+            sids = build_semantic_ids(x, rq_params(cfg.sids), cfg.sids.dedup, progress=False)
+        build_s = time.perf_counter() - start
+        write_semantic_ids(out, sids, x, {"encoder": manifest["encoder"], "data_fingerprint": data.fingerprint,
+                                          "data_format": data.format, "note": "benchmark suite, tfidf"})
+        rows.append({"config": config, "items": int(x.shape[0]), "dim": int(x.shape[1]), "layers": cfg.sids.layers,
+                     "codebook_size": cfg.sids.codebook_size,
+                     "distinct_sids": int(np.unique(sids.codes, axis=0).shape[0]),
+                     "embed_s": embed_s, "build_s": build_s})
+    return rows
+
+
+def _instrument(model: Any, clock: Any, marks: Dict[str, float], device: str) -> None:
+    """Wraps the model's embedding, encoder and loss calls with phase timers (instance attributes,
+    so the model's own ``forward`` runs unchanged) and hooks the encoder's gradients."""
+    import torch
+
+    from benchmarks.common import synchronize
+
+    emb = model.embeddings
+    for name in ("vectors", "embed", "fuse"):
+        setattr(emb, name, clock.wrap("embedding", getattr(emb, name)))
+    if hasattr(model, "type_emb"):  # COBRA: the token-type lookup is an embedding too
+        model.type_emb.forward = clock.wrap("embedding", model.type_emb.forward)
+
+    def mark(name: str):
+        def hook(_grad: torch.Tensor) -> None:
+            synchronize(device)
+            marks.setdefault(name, time.perf_counter())
+        return hook
+
+    encoder_forward = model.encoder.forward
+
+    def timed_encoder(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        with clock.phase("encoder"):
+            out = encoder_forward(x, *args, **kwargs)
+        marks["encoder_tokens"] = float(x.shape[0])
+        if torch.is_grad_enabled():
+            out.register_hook(mark("encoder_out"))
+            if x.requires_grad:
+                x.register_hook(mark("encoder_in"))
+        return out
+
+    model.encoder.forward = timed_encoder
+    if hasattr(model, "_sid_loss"):  # COBRA: SID sampled softmax (with its negative draw) + VID InfoNCE
+        model._sid_loss = clock.wrap("loss", model._sid_loss)
+        model.vid_loss.forward = clock.wrap("loss", model.vid_loss.forward)
+    else:
+        model.loss.forward = clock.wrap("loss", model.loss.forward)
+
+
+def train_steps(config: str, mode: str, data_path: str, data_format: str, cache_dir: str, sids_dir: str,
+                steps: int, warmup: int, device: str = "cpu") -> Dict[str, Any]:
+    """Times ``steps`` training steps (after ``warmup``) of the trainer's model; per-phase means."""
+    import torch
+
+    from benchmarks.common import PhaseClock, current_rss_mb, peak_rss_mb, reset_peak_rss, synchronize
+    from sidvid_rec.config import load_config
+    from sidvid_rec.data import load_sequences, make_split
+    from sidvid_rec.data.batches import BatchIterator
+    from sidvid_rec.models.builder import build_model, unwrap
+    from sidvid_rec.train.distributed import init_distributed
+    from sidvid_rec.train.sharding import build_optimizers
+
+    extra = [f"model.mode={mode}", f"train.device={device}"] + ([f"sids.dir={sids_dir}"] if sids_dir else [])
+    cfg = load_config(config, _overrides(data_path, data_format, cache_dir, extra))
+    ctx = init_distributed(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    data = load_sequences(cfg.data)
+    split = make_split(data, "train", cfg.data.protocol, cfg.data.max_len)
+    model = build_model(cfg, data, ctx)
+    optimizers = build_optimizers(model, cfg.train, ctx)
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(cfg.train.seed)
+    batches = BatchIterator(split, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
+
+    def endless():
+        epoch = 0
+        while True:
+            batches.set_epoch(epoch)
+            yield from batches
+            epoch += 1
+
+    stream = endless()
+    clock, marks = PhaseClock(device), {}
+    _instrument(unwrap(model), clock, marks, device)
+    model.train()
+    rss_before = current_rss_mb()
+    reset_peak_rss()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    records = []
+    for step in range(warmup + steps):
+        marks.clear()
+        clock.take()
+        synchronize(device)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        with clock.phase("data"):
+            batch = next(stream).to(ctx.device)
+        with clock.phase("other"):  # forward glue; the wrapped modules book their own time
+            out = model(batch, generator=generator)
+        with clock.phase("optimizer"):
+            optimizers.zero_grad()
+        synchronize(device)
+        backward_start = time.perf_counter()
+        out.loss.backward()
+        synchronize(device)
+        backward_end = time.perf_counter()
+        with clock.phase("optimizer"):
+            optimizers.step()
+        synchronize(device)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        if step < warmup:
+            continue
+        forward = clock.take()
+        grad_out = marks.get("encoder_out", backward_start)
+        grad_in = marks.get("encoder_in", grad_out)
+        records.append({
+            "seconds": elapsed,
+            "cpu_seconds": cpu,
+            "tokens": int(batch.jagged("item_id").lengths().sum()),
+            "sequences": batch.batch_size,
+            "encoder_tokens": int(marks.get("encoder_tokens", 0)),
+            "fwd": {p: forward.get(p, 0.0) for p in PHASES},
+            "bwd": {"loss": grad_out - backward_start, "encoder": grad_in - grad_out,
+                    "embedding": backward_end - grad_in},
+        })
+    peak = peak_rss_mb()
+    if device.startswith("cuda"):
+        gpu_peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        gpu_peak = None
+    n = len(records)
+    total_s = sum(r["seconds"] for r in records)
+    return {
+        "dataset_items": data.num_items, "steps": n, "batch_size": cfg.train.batch_size,
+        "tokens_per_s": statistics.median(r["tokens"] / r["seconds"] for r in records),
+        "mean_tokens_per_s": sum(r["tokens"] for r in records) / total_s,
+        "tokens_per_cpu_s": sum(r["tokens"] for r in records) / sum(r["cpu_seconds"] for r in records),
+        "sequences_per_s": statistics.median(r["sequences"] / r["seconds"] for r in records),
+        "ms_per_step": 1e3 * statistics.median(r["seconds"] for r in records),
+        "tokens_per_step": sum(r["tokens"] for r in records) / n,
+        "encoder_tokens_per_step": sum(r["encoder_tokens"] for r in records) / n,
+        "fwd_ms": {p: 1e3 * sum(r["fwd"][p] for r in records) / n for p in PHASES},
+        "bwd_ms": {p: 1e3 * sum(r["bwd"][p] for r in records) / n for p in ("loss", "encoder", "embedding")},
+        "mean_step_ms": 1e3 * total_s / n,
+        "rss_before_mb": rss_before, "peak_rss_mb": peak, "peak_delta_mb": peak - rss_before,
+        "gpu_peak_mb": gpu_peak,
+    }
+
+
+def trainer_loop(config: str, data_path: str, data_format: str, cache_dir: str, run_dir: str, epochs: int,
+                 device: str = "cpu") -> Dict[str, Any]:
+    """``run_training`` for ``epochs`` epochs (protocol gr); each epoch's training loop is timed.
+
+    Evaluation (only after the last epoch here) and checkpoint writes lie outside the timed
+    ``_train_epoch`` calls, as they lie outside the reference's training tokens/s.
+    """
+    import numpy as np
+
+    from benchmarks.common import peak_rss_mb
+    from sidvid_rec.config import load_config
+    from sidvid_rec.data import load_sequences, make_split
+    from sidvid_rec.train import trainer
+
+    cfg = load_config(config, _overrides(data_path, data_format, cache_dir, [
+        "model.mode=id", "data.protocol=gr", f"train.epochs={epochs}", "train.eval_every=100000",
+        f"train.device={device}"]))
+    data = load_sequences(cfg.data)
+    split = make_split(data, "train", cfg.data.protocol, cfg.data.max_len)
+    tokens = int(np.diff(split.offsets).sum()) - split.num_examples  # inputs: every item but the last
+    epoch_s: List[float] = []
+    epoch_cpu_s: List[float] = []
+    original = trainer._train_epoch
+
+    def timed_epoch(*args: Any, **kwargs: Any) -> float:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        loss = original(*args, **kwargs)
+        epoch_s.append(time.perf_counter() - start)
+        epoch_cpu_s.append(time.process_time() - cpu_start)
+        return loss
+
+    trainer._train_epoch = timed_epoch  # run_training looks it up at call time
+    start = time.perf_counter()
+    metrics = trainer.run_training(cfg, run_dir)
+    return {"epoch_s": epoch_s, "epoch_cpu_s": epoch_cpu_s, "tokens_per_epoch": tokens, "sequences_per_epoch": split.num_examples,
+            "total_s": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(),
+            "test_hr10": metrics.get("test", {}).get("hr@10")}
+
+
+def hstu_train_flops(lengths: List[int], dim: int, num_blocks: int, num_heads: int, dqk: int, dv: int) -> Dict[str, float]:
+    """FLOPs of one HSTU encoder forward + backward over sequences of ``lengths``.
+
+    Per layer, forward (T = sum L, S = sum L^2, one multiply-add = 2 FLOPs):
+    ``uvqk``: 2 T d H(2 dv + 2 dqk); output projection: 2 T H dv d;
+    attention: ``q k^T`` 2 S H dqk + ``A v`` 2 S H dv (the full L x L square per sequence, as
+    the kernel computes it; a causal-only count would be about half).
+    Backward = 2 x forward for every matmul (gradients of both operands), so training =
+    3 x forward. Norms, SiLU, bias gathers and dropout (O(T d) and O(S)) are not counted.
+    """
+    tokens = float(sum(lengths))
+    square = float(sum(l * l for l in lengths))
+    linear = 2 * tokens * dim * num_heads * (2 * dv + 2 * dqk) + 2 * tokens * num_heads * dv * dim
+    attention = 2 * square * num_heads * (dqk + dv)
+    return {"linear": 3 * num_blocks * linear, "attention": 3 * num_blocks * attention,
+            "total": 3 * num_blocks * (linear + attention), "tokens": tokens, "square": square}
+
+
+def matmul_rate(n: int, repeats: int, device: str = "cpu") -> Dict[str, float]:
+    """Best fp32 FLOP/s of ``[n, n] @ [n, n]`` over ``repeats`` runs (2 n^3 FLOPs each)."""
+    import torch
+
+    from benchmarks.common import synchronize
+
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    out = torch.empty(n, n, device=device)
+    torch.matmul(a, b, out=out)  # warm-up
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        torch.matmul(a, b, out=out)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return {"n": n, "best_flops": 2 * n**3 / min(times), "median_flops": 2 * n**3 / statistics.median(times)}
+
+
+def hstu_flops(ml100k_file: str, steps: int, matmul_n: int, matmul_repeats: int, device: str = "cpu") -> Dict[str, Any]:
+    """Encoder fwd+bwd FLOP/s on ML-100k batches and on long synthetic sequences, vs the matmul rate.
+
+    The model is the ML-100k config's HSTU (d=50, 2 blocks, 1 head, dqk=dv=50, dropout 0.2).
+    """
+    import numpy as np
+    import torch
+
+    from benchmarks import jagged_vs_padded as jvp
+    from benchmarks.common import synchronize
+    from sidvid_rec.modules.hstu import HSTUEncoder
+    from sidvid_rec.ops import hstu_attention, jagged
+
+    dims = dict(dim=50, num_blocks=2, num_heads=1, dqk=50, dv=50)
+    rate_before = matmul_rate(matmul_n, matmul_repeats, device)
+    workloads = {}
+    if os.path.exists(ml100k_file):
+        jvp.DATA["ml-100k"] = (ml100k_file, 200)
+        workloads["ML-100k batch (128 users, <= 200)"] = (200, [(ids, ts, off) for ids, ts, off in
+                                                                 jvp.make_batches("ml-100k", steps + 1, seed=0)[0]])
+    rng = np.random.default_rng(0)
+    long_batches = []
+    for _ in range(steps + 1):
+        lengths = torch.full((8,), 1000, dtype=torch.int64)
+        offsets = jagged.lengths_to_offsets(lengths)
+        ts = torch.from_numpy(np.cumsum(rng.integers(1, 86400, size=8000)).astype(np.int64))
+        long_batches.append((torch.zeros(8000, dtype=torch.int64), ts, offsets))
+    workloads["synthetic 8 x 1000"] = (1000, long_batches)
+    results = {}
+    for name, (max_len, batches) in workloads.items():
+        torch.manual_seed(0)
+        encoder = HSTUEncoder(max_len=max_len, dropout=0.2, attn_dropout=0.0, **dims).to(device)
+        times, flops, executed = [], [], []
+        for i, (_, ts, offsets) in enumerate(batches):
+            ts, offsets = ts.to(device), offsets.to(device)
+            tokens = int(offsets[-1])
+            x = torch.randn(tokens, dims["dim"], device=device, requires_grad=True)
+            grad = torch.randn(tokens, dims["dim"], device=device)
+            synchronize(device)
+            start = time.perf_counter()
+            encoder(x, offsets, ts).backward(grad)
+            synchronize(device)
+            if i == 0:  # warm-up
+                continue
+            times.append(time.perf_counter() - start)
+            lengths = jagged.offsets_to_lengths(offsets).tolist()
+            flops.append(hstu_train_flops(lengths, **dims))
+            plan = hstu_attention.build_attention_plan(offsets, ts, ts, None, max_len, 128, True)
+            executed.append(sum(c.num_seqs * c.width**2 for c in plan.layout.chunks))
+        results[name] = {
+            "ms": 1e3 * statistics.median(times), "tokens": sum(x["tokens"] for x in flops) / len(flops),
+            "flops_per_step": sum(x["total"] for x in flops) / len(flops),
+            "attention_share": sum(x["attention"] for x in flops) / sum(x["total"] for x in flops),
+            "achieved_flops": sum(x["total"] for x in flops) / sum(times),
+            "executed_square_over_real": sum(executed) / sum(x["square"] for x in flops),
+        }
+    rate_after = matmul_rate(matmul_n, matmul_repeats, device)
+    return {"matmul_before": rate_before, "matmul_after": rate_after, "workloads": results, "dims": dims}

@@ -1,0 +1,107 @@
+"""The benchmark suite: its helpers, and ``python -m benchmarks.run --quick`` end to end so that
+the suite never rots (about 3 minutes on the shared 2-core machine)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:  # `benchmarks` is a top-level package of the repository, not installed
+    sys.path.insert(0, REPO)
+
+from benchmarks.bench_retrieval import exact_topk, recall_at_k  # noqa: E402
+from benchmarks.bench_train import hstu_train_flops  # noqa: E402
+from benchmarks.common import PhaseClock, replace_section  # noqa: E402
+from sidvid_rec.retrieval import VidIndex  # noqa: E402
+GENERATED = ("summary", "throughput", "limit", "scaling", "sids", "retrieval")
+
+
+def test_replace_section_replaces_only_its_block():
+    text = "# Results\n\n## By hand\n\nkeep me\n"
+    once = replace_section(text, "limit", "first")
+    assert once.startswith(text.rstrip("\n")) and "<!-- bench:limit -->\nfirst\n<!-- /bench:limit -->" in once
+    twice = replace_section(replace_section(once, "sids", "s1"), "limit", "second")
+    assert "first" not in twice and twice.count("<!-- bench:limit -->") == 1
+    assert twice.index("second") < twice.index("s1")  # replaced in place, not appended
+    assert "keep me" in twice
+
+
+def test_hstu_flops_formula():
+    # one layer, d=2, H=1, dqk=dv=1, sequences of 1 and 2 items: T=3, S=1+4=5
+    f = hstu_train_flops([1, 2], dim=2, num_blocks=1, num_heads=1, dqk=1, dv=1)
+    linear_fwd = 2 * 3 * 2 * (2 + 2) + 2 * 3 * 1 * 2  # uvqk + output projection
+    attention_fwd = 2 * 5 * 1 + 2 * 5 * 1  # q k^T + A v
+    assert f["linear"] == 3 * linear_fwd and f["attention"] == 3 * attention_fwd
+    assert f["total"] == 3 * (linear_fwd + attention_fwd)
+    assert hstu_train_flops([1, 2], 2, 4, 1, 1, 1)["total"] == 4 * f["total"]
+
+
+def test_phase_clock_books_nested_time_once():
+    clock = PhaseClock()
+    with clock.phase("outer"):
+        with clock.phase("inner"):
+            sum(range(20000))
+    totals = clock.take()
+    assert set(totals) == {"outer", "inner"} and all(v > 0 for v in totals.values())
+    assert clock.take() == {}
+
+
+def test_exact_topk_and_recall():
+    vectors, queries = torch.randn(300, 8), torch.randn(5, 8)
+    _, ids = exact_topk(vectors, queries, 10)
+    assert torch.equal(ids, torch.topk(queries @ vectors.T, 10).indices)
+    truth = ids.numpy()
+    assert recall_at_k(truth, truth) == 1.0
+    half = np.concatenate([truth[:, :5], np.full((5, 5), -1)], axis=1)
+    assert recall_at_k(half, truth) == 0.5
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_set_search_params_changes_the_knob(kind):
+    torch.manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(2000, 16), dim=1)
+    index = VidIndex.build(x, torch.arange(1, 2001), kind=kind, hnsw_m=8, ef_search=8, ivf_nlist=64, nprobe=1)
+    truth = torch.topk(x[:50] @ x.T, 20).indices.numpy() + 1
+    low = recall_at_k(index.search(x[:50], 20).ids.numpy(), truth)
+    index.set_search_params(ef_search=256, nprobe=64)  # the other kind's knob is ignored
+    high = recall_at_k(index.search(x[:50], 20).ids.numpy(), truth)
+    assert high > low and high > 0.99
+
+
+def _numbers(cell: str):
+    return [float(m.replace(",", "")) for m in re.findall(r"\d[\d,]*\.?\d*", cell)]
+
+
+@pytest.mark.slow
+def test_quick_suite_writes_every_section(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n\n## Written by hand\n\nkeep me\n")
+    plots = tmp_path / "plots"
+    done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--results", str(results),
+                           "--plots", str(plots)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    text = results.read_text()
+    assert "keep me" in text
+    for name in GENERATED:
+        assert text.count(f"<!-- bench:{name} -->") == 1 and text.count(f"<!-- /bench:{name} -->") == 1, name
+    for name in GENERATED[1:]:  # every section states its machine, versions and command
+        block = text.split(f"<!-- bench:{name} -->")[1].split(f"<!-- /bench:{name} -->")[0]
+        assert "Machine:" in block and "torch " in block and "python -m benchmarks.run --quick" in block, name
+    # the summary table comes last in the output, one row per headline figure, positive values
+    out = done.stdout.strip().splitlines()
+    header = max(i for i, line in enumerate(out) if line.startswith("| section | figure | value"))
+    rows = [line.split("|")[1:-1] for line in out[header + 2:]]
+    assert rows and all(len(r) == 7 for r in rows)
+    sections = {r[0].strip() for r in rows}
+    assert {"limit", "scaling", "sids", "retrieval", "suite"} <= sections
+    for r in rows:
+        values = _numbers(r[2])
+        assert values and values[0] > 0, r
+    pngs = sorted(p.name for p in plots.iterdir())
+    assert {"scaling.png", "sids_scale.png", "retrieval.png"} <= set(pngs)
+    assert all((plots / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
