@@ -28,6 +28,7 @@ Pooling = Literal["auto", "mean", "last"]
 Decoder = Literal["direct", "neighbor", "soft", "beam"]
 BeamFuse = Literal["prod", "sum", "softmax"]
 VidNegatives = Literal["in_batch", "in_batch_global", "queue"]
+SidSoftmax = Literal["auto", "full", "sampled"]
 IndexKind = Literal["flat", "hnsw", "ivf"]
 Sharding = Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"]
 EmbeddingOptimizer = Literal["auto", "rowwise_adagrad", "adagrad", "sgd", "adam"]
@@ -144,6 +145,13 @@ class LossConfig:
     """COBRA: cap on in-batch VID pool entries (a uniform subset); 0 = every position of the batch."""
     shared_negatives: bool = False
     """Sampled softmax: one set of R negatives for the whole batch (cheap) instead of R per position (reference)."""
+    sid_softmax: SidSoftmax = "auto"
+    """COBRA SID loss: ``full`` softmax over every valid SID, ``sampled`` (R = ``num_negatives``
+    items mapped to their SIDs), or ``auto``: full when there are at most ``num_negatives`` SIDs."""
+    logq_correction: bool = True
+    """COBRA: subtract from each sampled logit the log of its candidate's expected count (SIDs drawn
+    through uniform items, in-batch/queue VIDs drawn by popularity): the sampling-bias correction
+    that makes the sampled losses estimate full softmaxes, so decoders get calibrated scores."""
 
 
 @dataclass

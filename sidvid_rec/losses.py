@@ -116,7 +116,8 @@ class SampledSoftmaxLoss(nn.Module):
 
     def forward(self, query: torch.Tensor, pos_ids: torch.Tensor, item_vectors_fn: ItemVectorsFn,
                 generator: Optional[torch.Generator] = None,
-                negative_ids: Optional[torch.Tensor] = None) -> LossOutput:
+                negative_ids: Optional[torch.Tensor] = None,
+                negative_log_counts: Optional[torch.Tensor] = None) -> LossOutput:
         """Mean NLL of each position's positive against its negatives.
 
         Args:
@@ -125,6 +126,10 @@ class SampledSoftmaxLoss(nn.Module):
             item_vectors_fn: ``ids [K] -> [K, D]``; called once, on the unique ids needed.
             generator: random source of the negatives.
             negative_ids: ``[T, R]`` or ``[1, R]`` fixed negatives instead of sampling (tests).
+            negative_log_counts: shaped like ``negative_ids``: log of each negative's expected
+                number of copies among the R draws, subtracted from its logit (sampling-bias
+                correction, "logQ"), so the sampled denominator estimates the full softmax's
+                even when the ids are not drawn uniformly (e.g. items mapped to SIDs).
         """
         num_positions = pos_ids.numel()
         if num_positions == 0:
@@ -139,9 +144,10 @@ class SampledSoftmaxLoss(nn.Module):
             neg_logits = q @ vectors[neg_index[0]].T  # [T, R]
         else:
             neg_logits = _indexed_scores(q, vectors, neg_index)  # [T, R]
-        neg_logits = (neg_logits / self._temperature).masked_fill(
-            negative_ids == pos_ids.unsqueeze(1), MASKED_LOGIT
-        )
+        neg_logits = neg_logits / self._temperature
+        if negative_log_counts is not None:
+            neg_logits = neg_logits - negative_log_counts
+        neg_logits = neg_logits.masked_fill(negative_ids == pos_ids.unsqueeze(1), MASKED_LOGIT)
         logits = torch.cat([pos_logits / self._temperature, neg_logits], dim=1)  # [T, 1 + R]
         return LossOutput(_nll_of_first(logits), num_positions)
 
@@ -225,11 +231,17 @@ class InfoNCELoss(nn.Module):
         temperature: divides the cosine similarities.
         max_in_batch: keep at most this many in-batch VID entries (a uniform subset); 0 = all.
             Bounds the ``[P, M]`` logits when batches are large.
+        item_frequency: optional ``[N + 1]`` share of each item among training events. When
+            given, every pool logit is corrected by the log of its id's expected number of
+            copies in the pool (``M_pop * freq + R / N``: in-batch and queue entries are drawn
+            by popularity, global ones uniformly), the "logQ" sampling-bias correction. Without
+            it, popular items are over-represented among negatives and pushed down, which
+            full-catalogue ranking punishes.
     """
 
     def __init__(self, num_items: int, negatives: VidNegatives = "in_batch", num_negatives: int = 128,
                  queue_size: int = 4096, dim: int = 0, temperature: float = 0.05,
-                 max_in_batch: int = 0) -> None:
+                 max_in_batch: int = 0, item_frequency: Optional[torch.Tensor] = None) -> None:
         super().__init__()
         if negatives not in get_args(VidNegatives):
             choices = ", ".join(get_args(VidNegatives))
@@ -242,10 +254,14 @@ class InfoNCELoss(nn.Module):
         self._temperature = temperature
         self._max_in_batch = max_in_batch
         self.queue: Optional[VectorQueue] = VectorQueue(queue_size, dim) if negatives == "queue" else None
+        self.item_frequency: Optional[torch.Tensor]
+        self.register_buffer("item_frequency", None if item_frequency is None else item_frequency.float(),
+                             persistent=False)
 
     def build_pool(self, batch: CandidatePool, item_vectors_fn: Optional[ItemVectorsFn] = None,
-                   generator: Optional[torch.Generator] = None) -> CandidatePool:
-        """The VID negative pool for this batch (SID entries already removed)."""
+                   generator: Optional[torch.Generator] = None) -> Tuple[CandidatePool, Optional[torch.Tensor]]:
+        """The VID negative pool for this batch (SID entries already removed), and the log of
+        each entry's expected copies in such a pool (``[M]``; None without ``item_frequency``)."""
         pool = batch.vid_only()
         if self._max_in_batch and pool.ids.numel() > self._max_in_batch:
             gen_device = generator.device if generator is not None else torch.device("cpu")
@@ -262,16 +278,24 @@ class InfoNCELoss(nn.Module):
             ids, vectors = self.queue.contents()
             extra = CandidatePool(ids, vectors.to(pool.vectors.dtype), torch.zeros_like(ids, dtype=torch.bool))
             pool = CandidatePool.cat([pool, extra])
-        return pool
+        if self.item_frequency is None:
+            return pool, None
+        num_uniform = self._num_negatives if self._negatives == "in_batch_global" else 0
+        num_popular = pool.ids.numel() - num_uniform  # in-batch (kept) + queue entries
+        expected = num_popular * self.item_frequency[pool.ids] + num_uniform / self._num_items
+        return pool, expected.clamp(min=1e-12).log()
 
     def logits(self, query: torch.Tensor, pos_ids: torch.Tensor, pos_vectors: torch.Tensor,
-               pool: CandidatePool) -> torch.Tensor:
-        """``[P, 1 + M]`` logits: own target first, then the (VID) pool with collisions masked."""
+               pool: CandidatePool, pool_log_counts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[P, 1 + M]`` logits: own target first, then the (VID) pool with collisions masked
+        (and corrected by ``pool_log_counts [M]`` when given)."""
         q = l2_normalize(query)  # [P, D]
         pos_logits = (q * l2_normalize(pos_vectors)).sum(-1, keepdim=True)  # [P, 1]
-        pool_logits = q @ l2_normalize(pool.vectors).T  # [P, M]
+        pool_logits = q @ l2_normalize(pool.vectors).T / self._temperature  # [P, M]
+        if pool_log_counts is not None:
+            pool_logits = pool_logits - pool_log_counts
         masked = (pool.ids.unsqueeze(0) == pos_ids.unsqueeze(1)) | pool.is_sid.unsqueeze(0)  # [P, M]
-        pool_logits = (pool_logits / self._temperature).masked_fill(masked, MASKED_LOGIT)
+        pool_logits = pool_logits.masked_fill(masked, MASKED_LOGIT)
         return torch.cat([pos_logits / self._temperature, pool_logits], dim=1)
 
     def forward(self, query: torch.Tensor, pos_ids: torch.Tensor, pos_vectors: torch.Tensor,
@@ -291,8 +315,8 @@ class InfoNCELoss(nn.Module):
         """
         if pos_ids.numel() == 0:
             return _zero_loss(query)
-        pool = self.build_pool(batch, item_vectors_fn, generator)
-        loss = _nll_of_first(self.logits(query, pos_ids, pos_vectors, pool))
+        pool, log_counts = self.build_pool(batch, item_vectors_fn, generator)
+        loss = _nll_of_first(self.logits(query, pos_ids, pos_vectors, pool, log_counts))
         if self.queue is not None and self.training:
             vid = batch.vid_only()
             self.queue.push(vid.ids, vid.vectors)

@@ -162,7 +162,7 @@ def test_infonce_in_batch_global_adds_uniform_negatives(table):
         return table[ids]
 
     loss_fn = InfoNCELoss(NUM_ITEMS, "in_batch_global", num_negatives=5, temperature=TEMP)
-    pool = loss_fn.build_pool(batch, lookup, torch.Generator().manual_seed(0))
+    pool, _ = loss_fn.build_pool(batch, lookup, torch.Generator().manual_seed(0))
     assert pool.ids.numel() == 4 + 5 and not pool.is_sid.any()
     assert torch.equal(pool.ids[:4], torch.tensor([1, 2, 1, 3]))  # no dedup: both VID 1 entries stay
     assert len(calls) == 1 and calls[0].min() >= 1 and calls[0].max() <= NUM_ITEMS
@@ -175,7 +175,7 @@ def test_infonce_in_batch_global_adds_uniform_negatives(table):
 
 def test_infonce_max_in_batch_subsamples(table):
     loss_fn = InfoNCELoss(NUM_ITEMS, "in_batch", max_in_batch=2)
-    pool = loss_fn.build_pool(_batch(table), generator=torch.Generator().manual_seed(0))
+    pool, _ = loss_fn.build_pool(_batch(table), generator=torch.Generator().manual_seed(0))
     assert pool.ids.numel() == 2 and not pool.is_sid.any()
 
 
@@ -200,7 +200,7 @@ def test_infonce_queue_pool_grows_with_past_batches(table):
     query, pos_ids = torch.randn(2, DIM), torch.tensor([2, 1])
     first = loss_fn(query, pos_ids, table[pos_ids], batch)
     assert len(loss_fn.queue) == 4 and not loss_fn.queue.vectors.requires_grad
-    pool = loss_fn.build_pool(batch)
+    pool, _ = loss_fn.build_pool(batch)
     assert pool.ids.tolist() == [1, 2, 1, 3, 1, 2, 1, 3]  # in-batch, then the queued batch
     second = loss_fn(query, pos_ids, table[pos_ids], batch)
     assert second.loss.item() > first.loss.item()  # same batch, more (masked-or-not) negatives
@@ -215,3 +215,39 @@ def test_infonce_queue_pool_grows_with_past_batches(table):
 def test_l2_normalize_clamps_zero_vectors():
     out = l2_normalize(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
     assert torch.allclose(out, torch.tensor([[0.6, 0.8], [0.0, 0.0]]))
+
+
+def test_infonce_logq_correction_uses_expected_pool_counts(table):
+    """Each pool logit loses log(M_pop * freq(id) + R / N): popularity-drawn in-batch entries and
+    uniformly drawn global ones, so the sampled denominator estimates the full softmax's."""
+    freq = torch.tensor([0.0, 0.5, 0.3, 0.1, 0.1, 0.0, 0.0])  # items 1..6
+    batch = _batch(table)
+    plain = InfoNCELoss(NUM_ITEMS, "in_batch_global", num_negatives=3, temperature=TEMP)
+    corrected = InfoNCELoss(NUM_ITEMS, "in_batch_global", num_negatives=3, temperature=TEMP, item_frequency=freq)
+    pool, none = plain.build_pool(batch, lambda ids: table[ids], torch.Generator().manual_seed(1))
+    pool_c, log_counts = corrected.build_pool(batch, lambda ids: table[ids], torch.Generator().manual_seed(1))
+    assert none is None and torch.equal(pool.ids, pool_c.ids)
+    expected = [math.log(4 * float(freq[i]) + 3 / NUM_ITEMS) for i in pool.ids.tolist()]  # 4 VID entries
+    assert log_counts.tolist() == pytest.approx(expected, rel=1e-5)
+    query, pos_ids = torch.randn(2, DIM), torch.tensor([2, 1])
+    raw = plain.logits(query, pos_ids, table[pos_ids], pool)
+    adjusted = corrected.logits(query, pos_ids, table[pos_ids], pool, log_counts)
+    assert torch.allclose(adjusted[:, 0], raw[:, 0])  # the positive is not corrected
+    unmasked = raw[:, 1:] != MASKED_LOGIT
+    assert torch.allclose(adjusted[:, 1:][unmasked], (raw[:, 1:] - log_counts)[unmasked])
+    assert (adjusted[:, 1:][~unmasked] == MASKED_LOGIT).all()
+
+
+def test_sampled_softmax_negative_log_counts(table):
+    query = torch.randn(2, DIM)
+    pos = torch.tensor([1, 2])
+    negs = torch.tensor([[3, 4, 1], [5, 5, 6]])
+    log_counts = torch.tensor([[0.5, -0.2, 0.0], [1.0, 1.0, 0.3]])
+    loss_fn = SampledSoftmaxLoss(NUM_ITEMS, num_negatives=3, temperature=TEMP)
+    out = loss_fn(query, pos, lambda ids: table[ids], negative_ids=negs, negative_log_counts=log_counts)
+    expected = 0.0
+    for t in range(2):
+        logits = [_cos(query[t], table[pos[t]]) / TEMP]
+        logits += [_cos(query[t], table[n]) / TEMP - float(c) for n, c in zip(negs[t], log_counts[t]) if n != pos[t]]
+        expected += _nll(logits)
+    assert out.loss.item() == pytest.approx(expected / 2, rel=1e-5)

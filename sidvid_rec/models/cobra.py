@@ -25,14 +25,16 @@ last VID token is the state that predicts the next SID (causal: it does not see 
 appended token).
 """
 
+import math
 from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sidvid_rec.data.batches import SequenceBatch
-from sidvid_rec.losses import CandidatePool, InfoNCELoss, SampledSoftmaxLoss, l2_normalize
+from sidvid_rec.losses import CandidatePool, InfoNCELoss, LossOutput, SampledSoftmaxLoss, l2_normalize
 from sidvid_rec.modules.embeddings import INIT_STD, ItemEmbeddings
 from sidvid_rec.modules.hstu import HSTUEncoder
 from sidvid_rec.modules.interleave import (QueryTime, TokenLayout, append_step, interleave, interleave_layout,
@@ -94,11 +96,16 @@ class CobraRecommender(nn.Module):
         query_time: time of each token's query in the time bias (see ``interleave_layout``).
         text_embeddings: optional ``[N + 1, E]`` item text embeddings; a learned projection
             ``E -> D`` of them is added to every VID token (and VID target).
+        sid_full_softmax: score SID positions against every valid SID (exact softmax) instead
+            of ``sid_loss``'s sampled negatives.
+        sid_logq: with sampled SID negatives, correct each negative SID's logit by the log of
+            its expected count among the draws (``R * items with that SID / N``).
     """
 
     def __init__(self, embeddings: ItemEmbeddings, encoder: HSTUEncoder, sid_loss: SampledSoftmaxLoss,
                  vid_loss: InfoNCELoss, codes: np.ndarray, vid_weight: float = 1.0, temperature: float = 0.05,
-                 query_time: QueryTime = "target", text_embeddings: Optional[Tensor] = None) -> None:
+                 query_time: QueryTime = "target", text_embeddings: Optional[Tensor] = None,
+                 sid_full_softmax: bool = False, sid_logq: bool = False) -> None:
         super().__init__()
         if embeddings.mode != "cobra":
             raise ValueError(f"CobraRecommender needs embeddings in mode 'cobra', got {embeddings.mode!r}")
@@ -115,6 +122,11 @@ class CobraRecommender(nn.Module):
         catalog = sid_catalog(codes)
         self.register_buffer("sid_of_item", catalog.sid_of_item, persistent=False)
         self.register_buffer("sid_items", catalog.sid_items, persistent=False)
+        self.sid_full_softmax = sid_full_softmax
+        self.sid_logq = sid_logq
+        # log(share of the items carrying each SID): uniform item negatives hit SID s that often.
+        sid_sizes = torch.bincount(catalog.sid_of_item[1:], minlength=catalog.sid_items.numel()).float()
+        self.register_buffer("sid_log_share", (sid_sizes / sid_sizes.sum()).log(), persistent=False)
         self.text_proj: Optional[nn.Linear] = None
         if text_embeddings is not None:
             self.register_buffer("text_embeddings", text_embeddings.float(), persistent=False)
@@ -195,11 +207,23 @@ class CobraRecommender(nn.Module):
         loss = sid_out.loss + self.vid_weight * vid_out.loss
         return CobraStepOutput(loss, sid_out.num_positions, sid_out.loss.detach(), vid_out.loss.detach())
 
-    def _sid_loss(self, query: Tensor, target_items: Tensor, generator: Optional[torch.Generator]):
-        """Sampled softmax in SID space: items' negatives mapped to SIDs, collisions by SID."""
-        negatives = self.sid_loss.sample_negatives(target_items.numel(), generator, target_items.device)
-        return self.sid_loss(query, self.sid_of_item[target_items], self.sid_vectors_of, generator=generator,
-                             negative_ids=self.sid_of_item[negatives])
+    def _sid_loss(self, query: Tensor, target_items: Tensor, generator: Optional[torch.Generator]) -> LossOutput:
+        """Softmax in SID space of ``query [P, D]`` for the SIDs of ``target_items [P]``: exact
+        over the valid SIDs, or sampled (items' negatives mapped to SIDs, collisions by SID)."""
+        target_sids = self.sid_of_item[target_items]
+        if self.sid_full_softmax:
+            if target_sids.numel() == 0:
+                return self.sid_loss(query, target_sids, self.sid_vectors_of)  # the zero loss
+            all_sids = torch.arange(self.num_sids, device=query.device)
+            logits = self.sid_logits(query, self.sid_vectors_of(all_sids))  # [P, S]
+            return LossOutput(F.cross_entropy(logits, target_sids), target_sids.numel())
+        negatives = self.sid_of_item[self.sid_loss.sample_negatives(target_items.numel(), generator,
+                                                                    target_items.device)]
+        log_counts = None
+        if self.sid_logq:
+            log_counts = self.sid_log_share[negatives] + math.log(negatives.shape[1])
+        return self.sid_loss(query, target_sids, self.sid_vectors_of, generator=generator, negative_ids=negatives,
+                             negative_log_counts=log_counts)
 
     # -- inference
 

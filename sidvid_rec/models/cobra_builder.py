@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from sidvid_rec.config import Config, EvalConfig
-from sidvid_rec.data import SequenceData
+from sidvid_rec.data import SequenceData, make_split
 from sidvid_rec.data.batches import SequenceBatch
 from sidvid_rec.decode import DecodeContext, DecoderSettings
 from sidvid_rec.decode.evaluate import evaluate_decoder
@@ -39,6 +39,13 @@ def item_text_embeddings(cfg: Config, data: SequenceData) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
 
 
+def training_item_frequency(cfg: Config, data: SequenceData) -> torch.Tensor:
+    """``[N + 1]`` share of each item among the training split's events (held-out items excluded)."""
+    values = make_split(data, "train", cfg.data.protocol, cfg.data.max_len).values
+    counts = np.bincount(values, minlength=data.num_items + 1).astype(np.float64)
+    return torch.from_numpy(counts / max(counts.sum(), 1.0)).float()
+
+
 def build_cobra_module(cfg: Config, data: SequenceData, codes: np.ndarray,
                        table_device: str = "meta") -> CobraRecommender:
     """The unsharded COBRA model over SID ``codes [N + 1, L]``."""
@@ -53,14 +60,19 @@ def build_cobra_module(cfg: Config, data: SequenceData, codes: np.ndarray,
         dqk=m.dqk, dv=m.dv, dropout=m.dropout, attn_dropout=m.attn_dropout, num_time_buckets=m.num_time_buckets,
         attention_scale=m.attention_scale,
     )
+    num_sids = int(np.unique(codes[1:], axis=0).shape[0])
+    sid_full = loss.sid_softmax == "full" or (loss.sid_softmax == "auto" and num_sids <= loss.num_negatives)
+    frequency = training_item_frequency(cfg, data) if loss.logq_correction else None
     sid_loss = SampledSoftmaxLoss(num_items=data.num_items, num_negatives=loss.num_negatives,
                                   temperature=loss.temperature, shared=loss.shared_negatives)
     vid_loss = InfoNCELoss(num_items=data.num_items, negatives=loss.vid_negatives,
                            num_negatives=loss.vid_num_negatives or loss.num_negatives, queue_size=loss.queue_size,
-                           dim=m.dim, temperature=loss.temperature, max_in_batch=loss.vid_max_in_batch)
+                           dim=m.dim, temperature=loss.temperature, max_in_batch=loss.vid_max_in_batch,
+                           item_frequency=frequency)
     text: Optional[torch.Tensor] = item_text_embeddings(cfg, data) if m.text_projection else None
     return CobraRecommender(embeddings, encoder, sid_loss, vid_loss, codes, vid_weight=loss.vid_weight,
-                            temperature=loss.temperature, query_time=m.cobra_query_time, text_embeddings=text)
+                            temperature=loss.temperature, query_time=m.cobra_query_time, text_embeddings=text,
+                            sid_full_softmax=sid_full, sid_logq=loss.logq_correction)
 
 
 def decoder_settings(e: EvalConfig) -> DecoderSettings:
