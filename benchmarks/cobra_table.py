@@ -46,12 +46,13 @@ def table_runs() -> List[Run]:
 def study_runs() -> List[Run]:
     """VID negatives: in-batch at several batch sizes vs pools whose size does not depend on it
     (global negatives and the memory queue, at the smallest batch size)."""
-    runs: List[Run] = [(f"study-in_batch-b{b}", "cobra.yaml", ["loss.vid_negatives=in_batch", f"train.batch_size={b}"])
-                       for b in (32, 128, 512)]
-    runs += [("study-global-r2048-b32", "cobra.yaml", ["loss.vid_negatives=in_batch_global",
-                                                       "loss.vid_num_negatives=2048", "train.batch_size=32"]),
-             ("study-queue-q8192-b32", "cobra.yaml", ["loss.vid_negatives=queue", "loss.queue_size=8192",
-                                                      "train.batch_size=32"])]
+    every = "loss.vid_max_in_batch=0"  # the whole batch: the in-batch count follows the batch size
+    runs: List[Run] = [(f"study-in_batch-b{b}", "cobra.yaml", ["loss.vid_negatives=in_batch", every,
+                                                              f"train.batch_size={b}"]) for b in (16, 32, 64)]
+    runs += [("study-global-r2048-b16", "cobra.yaml", ["loss.vid_negatives=in_batch_global", every,
+                                                       "loss.vid_num_negatives=2048", "train.batch_size=16"]),
+             ("study-queue-q8192-b16", "cobra.yaml", ["loss.vid_negatives=queue", every, "loss.queue_size=8192",
+                                                      "train.batch_size=16"])]
     return runs
 
 

@@ -236,7 +236,9 @@ class InfoNCELoss(nn.Module):
             copies in the pool (``M_pop * freq + R / N``: in-batch and queue entries are drawn
             by popularity, global ones uniformly), the "logQ" sampling-bias correction. Without
             it, popular items are over-represented among negatives and pushed down, which
-            full-catalogue ranking punishes.
+            full-catalogue ranking punishes. The correction is taken relative to a uniform pool
+            of the same size (``log(E[count] / (M / N))``), so the pool weighs what M uniform
+            negatives weigh, as in the reference's sampled softmax.
     """
 
     def __init__(self, num_items: int, negatives: VidNegatives = "in_batch", num_negatives: int = 128,
@@ -283,7 +285,10 @@ class InfoNCELoss(nn.Module):
         num_uniform = self._num_negatives if self._negatives == "in_batch_global" else 0
         num_popular = pool.ids.numel() - num_uniform  # in-batch (kept) + queue entries
         expected = num_popular * self.item_frequency[pool.ids] + num_uniform / self._num_items
-        return pool, expected.clamp(min=1e-12).log()
+        # Relative to a uniform pool of the same size (M / N copies of each item): removes the
+        # popularity bias but keeps the negatives' total weight that of M uniform draws.
+        uniform = pool.ids.numel() / self._num_items
+        return pool, (expected.clamp(min=1e-12) / uniform).log()
 
     def logits(self, query: torch.Tensor, pos_ids: torch.Tensor, pos_vectors: torch.Tensor,
                pool: CandidatePool, pool_log_counts: Optional[torch.Tensor] = None) -> torch.Tensor:

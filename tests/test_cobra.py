@@ -164,6 +164,42 @@ def test_dual_loss_one_backward(negatives):
         assert model.text_proj.weight.grad is not None
 
 
+def _sid_loss_parts(model, sid_full_softmax: bool, sid_logq: bool):
+    """The SID loss of ``model`` on a fixed query, and what it should be, by hand."""
+    model.sid_full_softmax, model.sid_logq = sid_full_softmax, sid_logq
+    torch.manual_seed(3)
+    query, targets = torch.randn(4, DIM), torch.tensor([1, 5, 9, 13])
+    table = torch.nn.functional.normalize(model.sid_vectors_of(torch.arange(model.num_sids)), dim=-1).detach()
+    q = torch.nn.functional.normalize(query, dim=-1)
+    target_sids = model.sid_of_item[targets]
+    out = model._sid_loss(query, targets, torch.Generator().manual_seed(0))
+    return out, q, table, target_sids
+
+
+def test_sid_loss_full_softmax_scores_every_valid_sid():
+    model = tiny_model()
+    out, q, table, target_sids = _sid_loss_parts(model, sid_full_softmax=True, sid_logq=False)
+    expected = torch.nn.functional.cross_entropy(q @ table.T / 0.1, target_sids)
+    assert out.num_positions == 4 and out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_sid_loss_logq_uses_sid_sizes():
+    """Sampled SID negatives come from uniform items: a SID with twice the items is drawn twice as
+    often, so its logit loses log(size / mean size)."""
+    model = tiny_model()
+    sizes = np.bincount(model.sid_of_item[1:].numpy(), minlength=model.num_sids)
+    assert torch.allclose(model.sid_log_share.exp(), torch.tensor(sizes / sizes.sum(), dtype=torch.float32))
+    out, q, table, target_sids = _sid_loss_parts(model, sid_full_softmax=False, sid_logq=True)
+    negatives = model.sid_of_item[model.sid_loss.sample_negatives(4, torch.Generator().manual_seed(0), q.device)]
+    expected = 0.0
+    for t in range(4):
+        logits = [float(q[t] @ table[target_sids[t]]) / 0.1]
+        logits += [float(q[t] @ table[s]) / 0.1 - float(np.log(sizes[s] / sizes.mean()))
+                   for s in negatives[t].tolist() if s != int(target_sids[t])]
+        expected += float(-logits[0] + torch.tensor(logits).logsumexp(0))
+    assert out.loss.item() == pytest.approx(expected / 4, rel=1e-4)
+
+
 def test_vid_query_depends_on_appended_sid_and_state_does_not():
     model = tiny_model().eval()
     batch = make_batch([[1, 2, 3], [4, 5]], [6, 7], training=False)

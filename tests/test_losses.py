@@ -218,8 +218,9 @@ def test_l2_normalize_clamps_zero_vectors():
 
 
 def test_infonce_logq_correction_uses_expected_pool_counts(table):
-    """Each pool logit loses log(M_pop * freq(id) + R / N): popularity-drawn in-batch entries and
-    uniformly drawn global ones, so the sampled denominator estimates the full softmax's."""
+    """Each pool logit loses log(E[copies of its id] / (M / N)), E = M_pop * freq(id) + R / N
+    (popularity-drawn in-batch entries, uniformly drawn global ones): the pool then weighs what a
+    uniform pool of M negatives weighs."""
     freq = torch.tensor([0.0, 0.5, 0.3, 0.1, 0.1, 0.0, 0.0])  # items 1..6
     batch = _batch(table)
     plain = InfoNCELoss(NUM_ITEMS, "in_batch_global", num_negatives=3, temperature=TEMP)
@@ -227,7 +228,8 @@ def test_infonce_logq_correction_uses_expected_pool_counts(table):
     pool, none = plain.build_pool(batch, lambda ids: table[ids], torch.Generator().manual_seed(1))
     pool_c, log_counts = corrected.build_pool(batch, lambda ids: table[ids], torch.Generator().manual_seed(1))
     assert none is None and torch.equal(pool.ids, pool_c.ids)
-    expected = [math.log(4 * float(freq[i]) + 3 / NUM_ITEMS) for i in pool.ids.tolist()]  # 4 VID entries
+    uniform = pool.ids.numel() / NUM_ITEMS  # copies of each item in a uniform pool of this size
+    expected = [math.log((4 * float(freq[i]) + 3 / NUM_ITEMS) / uniform) for i in pool.ids.tolist()]  # 4 VID entries
     assert log_counts.tolist() == pytest.approx(expected, rel=1e-5)
     query, pos_ids = torch.randn(2, DIM), torch.tensor([2, 1])
     raw = plain.logits(query, pos_ids, table[pos_ids], pool)

@@ -99,7 +99,7 @@ class CobraRecommender(nn.Module):
         sid_full_softmax: score SID positions against every valid SID (exact softmax) instead
             of ``sid_loss``'s sampled negatives.
         sid_logq: with sampled SID negatives, correct each negative SID's logit by the log of
-            its expected count among the draws (``R * items with that SID / N``).
+            its over-representation among the draws (``items with that SID / mean items per SID``).
     """
 
     def __init__(self, embeddings: ItemEmbeddings, encoder: HSTUEncoder, sid_loss: SampledSoftmaxLoss,
@@ -221,7 +221,9 @@ class CobraRecommender(nn.Module):
                                                                     target_items.device)]
         log_counts = None
         if self.sid_logq:
-            log_counts = self.sid_log_share[negatives] + math.log(negatives.shape[1])
+            # Relative to uniform draws over the SIDs (log(size / mean size)): the size bias goes,
+            # the R negatives keep their total weight.
+            log_counts = self.sid_log_share[negatives] + math.log(self.num_sids)
         return self.sid_loss(query, target_sids, self.sid_vectors_of, generator=generator, negative_ids=negatives,
                              negative_log_counts=log_counts)
 
