@@ -37,8 +37,8 @@ from sidvid_rec.data.batches import SequenceBatch
 from sidvid_rec.losses import CandidatePool, InfoNCELoss, LossOutput, SampledSoftmaxLoss, l2_normalize
 from sidvid_rec.modules.embeddings import INIT_STD, ItemEmbeddings
 from sidvid_rec.modules.hstu import HSTUEncoder
-from sidvid_rec.modules.interleave import (QueryTime, TokenLayout, append_step, interleave, interleave_layout,
-                                           supervision)
+from sidvid_rec.modules.interleave import (DecodeInputs, QueryTime, TokenLayout, append_step, encode_tokens,
+                                           interleave_layout, next_sid_states, sid_logits, supervision, vid_queries)
 
 PLACEHOLDER_ITEM = 0
 """Item id of the appended (to be generated) step at inference; its SID vector is replaced."""
@@ -67,18 +67,6 @@ def sid_catalog(codes: np.ndarray) -> SidCatalog:
     _, first, inverse = np.unique(codes[1:], axis=0, return_index=True, return_inverse=True)
     sid_of_item = np.concatenate([[-1], inverse.reshape(-1)]).astype(np.int64)
     return SidCatalog(torch.from_numpy(sid_of_item), torch.from_numpy(first.astype(np.int64) + 1))
-
-
-class EvalInputs(NamedTuple):
-    """A batch prepared for decoding: history steps plus one placeholder step per sequence."""
-
-    layout: TokenLayout
-    sid_tokens: Tensor
-    """``[S + B, D]`` SID-token inputs per step (the placeholders' rows are replaced per query)."""
-    vid_tokens: Tensor
-    """``[S + B, D]`` VID-token inputs per step (placeholders' are unused)."""
-    placeholder_steps: Tensor
-    """``[B]`` step row of each sequence's placeholder."""
 
 
 class CobraRecommender(nn.Module):
@@ -167,15 +155,13 @@ class CobraRecommender(nn.Module):
 
     def sid_logits(self, states: Tensor, sid_table: Tensor) -> Tensor:
         """``states [B, D]`` x ``sid_table [S, D]`` -> cosine / temperature ``[B, S]``."""
-        return l2_normalize(states) @ l2_normalize(sid_table).T / self.temperature
+        return sid_logits(states, sid_table, self.temperature)
 
     # -- encoding
 
     def _encode(self, layout: TokenLayout, sid_tokens: Tensor, vid_tokens: Tensor) -> Tensor:
         """Interleaved token inputs of the steps -> HSTU outputs ``[T2, D]`` (L2-normalised)."""
-        x = interleave(sid_tokens, vid_tokens, layout) + self.type_emb(layout.token_type)  # [T2, D]
-        return self.encoder(x, layout.offsets, layout.timestamps, positions=layout.positions,
-                            query_timestamps=layout.query_timestamps)
+        return encode_tokens(self.encoder, self.type_emb.weight, layout, sid_tokens, vid_tokens)
 
     def _steps(self, batch: SequenceBatch, next_items: Tensor, next_times: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """Each sequence's input steps plus one appended step: ``(items [S+B], times [S+B], offsets [B+1])``."""
@@ -229,24 +215,20 @@ class CobraRecommender(nn.Module):
 
     # -- inference
 
-    def prepare(self, batch: SequenceBatch) -> EvalInputs:
+    def prepare(self, batch: SequenceBatch) -> DecodeInputs:
         """History tokens plus a placeholder step at the target's time (evaluation batches)."""
-        histories = batch.jagged("item_id")
         target_times = batch.jagged("target_timestamp").values()  # [B] (one target per sequence)
         placeholders = torch.full_like(target_times, PLACEHOLDER_ITEM)
         items, times, offsets = self._steps(batch, placeholders, target_times)
         layout = interleave_layout(offsets, times, drop_last_vid=True, query_time=self.query_time)
         vectors = self.embeddings.vectors(items)
         vid_vec = self.vid_vectors(items, vectors.id_vec)
-        return EvalInputs(layout, vectors.sid_vec, vid_vec, offsets[1:] - 1)
+        return DecodeInputs(layout, vectors.sid_vec, vid_vec, offsets[1:] - 1)
 
-    def next_sid_states(self, inputs: EvalInputs) -> Tensor:
+    def next_sid_states(self, inputs: DecodeInputs) -> Tensor:
         """``[B, D]`` output at each history's last VID token (predicts the next SID)."""
-        h = self._encode(inputs.layout, inputs.sid_tokens, inputs.vid_tokens)
-        return h[inputs.layout.last_rows() - 1]
+        return next_sid_states(self.encoder, self.type_emb.weight, inputs)
 
-    def vid_queries(self, inputs: EvalInputs, next_sid: Tensor) -> Tensor:
+    def vid_queries(self, inputs: DecodeInputs, next_sid: Tensor) -> Tensor:
         """``[B, D]`` VID queries: outputs at the appended SID token carrying ``next_sid [B, D]``."""
-        sid_tokens = inputs.sid_tokens.index_copy(0, inputs.placeholder_steps, next_sid.to(inputs.sid_tokens.dtype))
-        h = self._encode(inputs.layout, sid_tokens, inputs.vid_tokens)
-        return h[inputs.layout.last_rows()]
+        return vid_queries(self.encoder, self.type_emb.weight, inputs, next_sid)

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from sidvid_rec.losses import l2_normalize
 from sidvid_rec.ops import jagged
 
 SID_TYPE = 0
@@ -181,3 +182,47 @@ def append_step(values: Tensor, offsets: Tensor, extra: Tensor) -> Tuple[Tensor,
     out[torch.arange(values.numel(), device=values.device) + seq] = values
     out[new_offsets[1:] - 1] = extra.to(values.dtype)
     return out, new_offsets
+
+
+# ----------------------------------------------------------------------------- decoding
+# Shared by the trained model (models/cobra.py) and an export (retrieval/cobra_export.py), so
+# both run the very same token pipeline.
+
+
+class DecodeInputs(NamedTuple):
+    """A batch prepared for decoding: history steps plus one placeholder step per sequence."""
+
+    layout: TokenLayout
+    sid_tokens: Tensor
+    """``[S + B, D]`` SID-token inputs per step (the placeholders' rows are replaced per query)."""
+    vid_tokens: Tensor
+    """``[S + B, D]`` VID-token inputs per step (the placeholders' are unused: their VID is dropped)."""
+    placeholder_steps: Tensor
+    """``[B]`` step row of each sequence's placeholder."""
+
+
+def encode_tokens(encoder: nn.Module, type_emb: Tensor, layout: TokenLayout, sid_tokens: Tensor,
+                  vid_tokens: Tensor) -> Tensor:
+    """Per-step token inputs ``[S, D]`` x 2 -> interleaved, plus the type embedding
+    ``type_emb [2, D]`` -> HSTU outputs ``[T2, D]``."""
+    x = interleave(sid_tokens, vid_tokens, layout) + type_emb[layout.token_type]  # [T2, D]
+    return encoder(x, layout.offsets, layout.timestamps, positions=layout.positions,
+                   query_timestamps=layout.query_timestamps)
+
+
+def next_sid_states(encoder: nn.Module, type_emb: Tensor, inputs: DecodeInputs) -> Tensor:
+    """``[B, D]`` output at each history's last VID token (predicts the next SID)."""
+    h = encode_tokens(encoder, type_emb, inputs.layout, inputs.sid_tokens, inputs.vid_tokens)
+    return h[inputs.layout.last_rows() - 1]
+
+
+def vid_queries(encoder: nn.Module, type_emb: Tensor, inputs: DecodeInputs, next_sid: Tensor) -> Tensor:
+    """``[B, D]`` VID queries: outputs at the appended SID token carrying ``next_sid [B, D]``."""
+    sid_tokens = inputs.sid_tokens.index_copy(0, inputs.placeholder_steps, next_sid.to(inputs.sid_tokens.dtype))
+    h = encode_tokens(encoder, type_emb, inputs.layout, sid_tokens, inputs.vid_tokens)
+    return h[inputs.layout.last_rows()]
+
+
+def sid_logits(states: Tensor, sid_table: Tensor, temperature: float) -> Tensor:
+    """``states [B, D]`` x ``sid_table [S, D]`` -> cosine / temperature ``[B, S]``."""
+    return l2_normalize(states) @ l2_normalize(sid_table).T / temperature

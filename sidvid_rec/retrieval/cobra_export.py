@@ -25,16 +25,16 @@ Example::
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from sidvid_rec.decode import DECODERS, DecodeContext, DecoderKind, DecoderSettings, TopK, decode
 from sidvid_rec.errors import ArtifactError, ConfigError, DataError
-from sidvid_rec.losses import l2_normalize
 from sidvid_rec.modules.hstu import HSTUEncoder
-from sidvid_rec.modules.interleave import QueryTime, TokenLayout, append_step, interleave, interleave_layout
+from sidvid_rec.modules.interleave import (DecodeInputs, QueryTime, append_step, interleave_layout, next_sid_states,
+                                           sid_logits, vid_queries)
 from sidvid_rec.ops import jagged
 from sidvid_rec.retrieval.faiss_index import VidIndex
 
@@ -110,18 +110,6 @@ def keep_recent(offsets: Tensor, max_len: int) -> Tensor:
 # ----------------------------------------------------------------------------- model
 
 
-class CobraInputs(NamedTuple):
-    """A history batch prepared for decoding (the model's ``EvalInputs``)."""
-
-    layout: TokenLayout
-    sid_tokens: Tensor
-    """``[S + B, D]`` SID-token inputs per step (placeholders' rows replaced per query)."""
-    vid_tokens: Tensor
-    """``[S + B, D]`` VID-token inputs per step (placeholders' unused: their VID is dropped)."""
-    placeholder_steps: Tensor
-    """``[B]`` step row of each sequence's placeholder."""
-
-
 class ExportedCobra:
     """The COBRA decoding model rebuilt from an export (:class:`~sidvid_rec.decode.base.CobraDecodingModel`).
 
@@ -147,7 +135,7 @@ class ExportedCobra:
         self.query_time: QueryTime = query_time
         self.max_len = max_len
 
-    def prepare(self, batch: HistoryBatch) -> CobraInputs:
+    def prepare(self, batch: HistoryBatch) -> DecodeInputs:
         """The most recent ``max_len`` steps of each history plus a placeholder step at its query time."""
         keep = keep_recent(batch.offsets, self.max_len)  # [S]
         offsets = jagged.lengths_to_offsets(jagged.offsets_to_lengths(batch.offsets).clamp(max=self.max_len))
@@ -158,28 +146,19 @@ class ExportedCobra:
         placeholder_steps = step_offsets[1:] - 1  # [B]
         sid_tokens = self.sid_vectors[self.sid_of_item[items].clamp(min=0)]  # [S' + B, D]
         sid_tokens[placeholder_steps] = 0.0
-        return CobraInputs(layout, sid_tokens, self.item_vectors[items], placeholder_steps)
+        return DecodeInputs(layout, sid_tokens, self.item_vectors[items], placeholder_steps)
 
-    def _encode(self, layout: TokenLayout, sid_tokens: Tensor, vid_tokens: Tensor) -> Tensor:
-        """Interleaved token inputs -> HSTU outputs ``[T2, D]`` (L2-normalised), as the model."""
-        x = interleave(sid_tokens, vid_tokens, layout) + self.type_emb[layout.token_type]  # [T2, D]
-        return self.encoder(x, layout.offsets, layout.timestamps, positions=layout.positions,
-                            query_timestamps=layout.query_timestamps)
-
-    def next_sid_states(self, inputs: CobraInputs) -> Tensor:
+    def next_sid_states(self, inputs: DecodeInputs) -> Tensor:
         """``[B, D]`` output at each history's last VID token (predicts the next SID)."""
-        h = self._encode(inputs.layout, inputs.sid_tokens, inputs.vid_tokens)
-        return h[inputs.layout.last_rows() - 1]
+        return next_sid_states(self.encoder, self.type_emb, inputs)
 
-    def vid_queries(self, inputs: CobraInputs, next_sid: Tensor) -> Tensor:
+    def vid_queries(self, inputs: DecodeInputs, next_sid: Tensor) -> Tensor:
         """``[B, D]`` outputs at the appended SID token carrying ``next_sid [B, D]``."""
-        sid_tokens = inputs.sid_tokens.index_copy(0, inputs.placeholder_steps, next_sid.to(inputs.sid_tokens.dtype))
-        h = self._encode(inputs.layout, sid_tokens, inputs.vid_tokens)
-        return h[inputs.layout.last_rows()]
+        return vid_queries(self.encoder, self.type_emb, inputs, next_sid)
 
     def sid_logits(self, states: Tensor, sid_table: Tensor) -> Tensor:
         """``states [B, D]`` x ``sid_table [S, D]`` -> cosine / temperature ``[B, S]``."""
-        return l2_normalize(states) @ l2_normalize(sid_table).T / self.temperature
+        return sid_logits(states, sid_table, self.temperature)
 
 
 class CobraRetriever:
