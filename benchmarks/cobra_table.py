@@ -44,7 +44,9 @@ def table_runs() -> List[Run]:
     # for negatives; the ID baseline gets the same batch size, so the comparison stays fair.
     runs += [("id-b16", "hstu.yaml", ["model.mode=id", "train.batch_size=16"]),
              ("cobra-in_batch_global-b16", "cobra.yaml", ["loss.vid_negatives=in_batch_global",
-                                                          "train.batch_size=16"])]
+                                                          "train.batch_size=16"]),
+             ("cobra-in_batch_global-b16-text", "cobra.yaml", ["loss.vid_negatives=in_batch_global",
+                                                               "train.batch_size=16", "model.text_projection=true"])]
     return runs
 
 
