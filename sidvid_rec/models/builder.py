@@ -7,7 +7,6 @@ plain typed arguments.
 from typing import Dict, Optional
 
 import numpy as np
-import torch
 from torch import nn
 
 from sidvid_rec.config import Config
