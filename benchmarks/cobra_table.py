@@ -22,7 +22,9 @@ import sys
 import time
 from typing import Dict, List, Optional, Tuple
 
-DECODERS = ["direct", "neighbor", "soft", "beam"]
+DECODERS: List[Tuple[str, List[str]]] = [("direct", []), ("neighbor", []), ("soft", []), ("beam", []),
+                                         # the beam setting chosen on Beauty's validation split
+                                         ("beam a0.3 x10", ["eval.alpha=0.3", "eval.beam_size=10"])]
 POOLS = ["in_batch", "in_batch_global", "queue"]
 SHARED = os.environ.get("SIDVID_SHARED_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
@@ -33,32 +35,46 @@ DATASETS: Dict[str, Dict[str, str]] = {
 }
 Run = Tuple[str, str, List[str]]
 """(row name, config file name in the data set's config dir, overrides)."""
+SHARED_SIDS = ["model.sid_dedup=false", "model.cobra_sid_dropout=0"]
+"""The first COBRA rows: SIDs are code tuples only (items may share one), no SID-token dropout."""
 
 
 def table_runs() -> List[Run]:
     """The main table: the two baselines with their reference config (hstu.yaml), then COBRA
     (cobra.yaml) under each VID negative pool."""
     runs: List[Run] = [("id", "hstu.yaml", ["model.mode=id"]), ("sid_id", "hstu.yaml", ["model.mode=sid_id"])]
-    runs += [(f"cobra-{pool}", "cobra.yaml", [f"loss.vid_negatives={pool}"]) for pool in POOLS]
+    # SIDs without the disambiguation code (items sharing a code tuple share a SID) ...
+    runs += [(f"cobra-{pool}", "cobra.yaml", [f"loss.vid_negatives={pool}", *SHARED_SIDS]) for pool in POOLS]
     # Small batches (8x the optimizer steps per epoch): COBRA's pools no longer need big batches
     # for negatives; the ID baseline gets the same batch size, so the comparison stays fair.
     runs += [("id-b16", "hstu.yaml", ["model.mode=id", "train.batch_size=16"]),
              ("cobra-in_batch_global-b16", "cobra.yaml", ["loss.vid_negatives=in_batch_global",
-                                                          "train.batch_size=16"]),
+                                                          "train.batch_size=16", *SHARED_SIDS]),
              ("cobra-in_batch_global-b16-text", "cobra.yaml", ["loss.vid_negatives=in_batch_global",
-                                                               "train.batch_size=16", "model.text_projection=true"])]
+                                                               "train.batch_size=16", "model.text_projection=true",
+                                                               *SHARED_SIDS])]
+    # ... and with it (every item's SID unique, as TIGER's): at the configs' batch size, 64, 32 and 16.
+    for suffix, batch in (("", []), ("-b64", ["train.batch_size=64"]), ("-b32", ["train.batch_size=32"]),
+                          ("-b16", ["train.batch_size=16"])):
+        runs += [(f"cobra-dedup-{pool}{suffix}", "cobra.yaml",
+                  [f"loss.vid_negatives={pool}", "model.sid_dedup=true", "model.cobra_sid_dropout=0"] + batch)
+                 for pool in POOLS]
+    # ... plus SID-token dropout (the VID query also learns from the history alone).
+    runs += [(f"cobra-dedup-sd0.3-{pool}", "cobra.yaml", [f"loss.vid_negatives={pool}", "model.sid_dedup=true",
+                                                          "model.cobra_sid_dropout=0.3"]) for pool in POOLS]
     return runs
 
 
 def study_runs() -> List[Run]:
     """VID negatives: in-batch at several batch sizes vs pools whose size does not depend on it
     (global negatives and the memory queue, at the smallest batch size)."""
-    every = "loss.vid_max_in_batch=0"  # the whole batch: the in-batch count follows the batch size
-    runs: List[Run] = [(f"study-in_batch-b{b}", "cobra.yaml", ["loss.vid_negatives=in_batch", every,
+    # The whole batch (the in-batch count follows the batch size); SIDs without the disambiguation code.
+    every = ["loss.vid_max_in_batch=0", *SHARED_SIDS]
+    runs: List[Run] = [(f"study-in_batch-b{b}", "cobra.yaml", ["loss.vid_negatives=in_batch", *every,
                                                               f"train.batch_size={b}"]) for b in (16, 32, 64)]
-    runs += [("study-global-r2048-b16", "cobra.yaml", ["loss.vid_negatives=in_batch_global", every,
+    runs += [("study-global-r2048-b16", "cobra.yaml", ["loss.vid_negatives=in_batch_global", *every,
                                                        "loss.vid_num_negatives=2048", "train.batch_size=16"]),
-             ("study-queue-q8192-b16", "cobra.yaml", ["loss.vid_negatives=queue", every, "loss.queue_size=8192",
+             ("study-queue-q8192-b16", "cobra.yaml", ["loss.vid_negatives=queue", *every, "loss.queue_size=8192",
                                                       "train.batch_size=16"])]
     return runs
 
@@ -92,17 +108,20 @@ def run_one(name: str, config: str, overrides: List[str], spec: Dict[str, str], 
     record_path = os.path.join(run_dir, "bench.json")
     if os.path.exists(record_path):
         return json.load(open(record_path))
-    train_s = sidvid(["train", "--config", config, "--run-dir", run_dir] + common + overrides, log)
+    metrics_path = os.path.join(run_dir, "metrics.json")
+    if os.path.exists(metrics_path):  # trained, interrupted while evaluating: time from the run's files
+        train_s = os.path.getmtime(os.path.join(run_dir, "history.json")) - os.path.getmtime(
+            os.path.join(run_dir, "config.yaml"))
+    else:
+        train_s = sidvid(["train", "--config", config, "--run-dir", run_dir] + common + overrides, log)
     record: Dict[str, object] = {"name": name, "overrides": overrides, "train_s": round(train_s, 1), "metrics": {}}
     split = spec["split"]
-    metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
-    decoders = DECODERS if decode else [None]
-    for decoder in decoders:
-        if decoder is None:
-            record["metrics"]["-"] = metrics[split]
-            continue
-        sidvid(["evaluate", run_dir, "--split", split, "--decoder", decoder], log)
-        record["metrics"][decoder] = json.load(open(os.path.join(run_dir, "metrics.json")))[split]
+    metrics = json.load(open(metrics_path))
+    if not decode:
+        record["metrics"]["-"] = metrics[split]
+    for label, settings in DECODERS if decode else []:
+        sidvid(["evaluate", run_dir, "--split", split, "--decoder", label.split()[0]] + settings, log)
+        record["metrics"][label] = json.load(open(os.path.join(run_dir, "metrics.json")))[split]
     record["best_epoch"] = metrics.get("best_epoch")
     json.dump(record, open(record_path, "w"), indent=1)
     return record

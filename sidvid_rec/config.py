@@ -78,7 +78,8 @@ class SidsConfig:
     tol: float = 0.1
     """Cluster sizes must lie in [ceil(n/K*(1-tol)), floor(n/K*(1+tol))]."""
     dedup: bool = True
-    """Append a TIGER-style disambiguation code so every item's SID is unique."""
+    """Whether the SIDs are meant with the TIGER disambiguation code (recorded in the manifest;
+    the code is stored either way, and the models append it with ``model.sid_dedup``)."""
     kmeans_iters: int = 25
     """Lloyd iterations of the initial (FAISS) k-means per layer."""
     balance_iters: int = 50
@@ -123,8 +124,14 @@ class ModelConfig:
     """COBRA: add a projection of the item's text embedding to its VID token."""
     cobra_sid_layers: int = 0
     """COBRA: SID = the first this many code layers (coarser SIDs); 0 = all layers."""
+    sid_dedup: bool = False
+    """Append the TIGER disambiguation code (stored by every ``sids build``) as one more SID
+    layer, so every item's SID is unique (SID models rank items, not item groups)."""
     cobra_query_time: CobraQueryTime = "target"
     """COBRA time-bias query time: ``target`` (of the step a token generates) or ``own`` (the token's)."""
+    cobra_sid_dropout: float = 0.0
+    """COBRA training: share of SID tokens whose vector is zeroed (type and position stay), so the
+    VID query also learns to predict the item from the history alone."""
 
 
 @dataclass
@@ -320,8 +327,9 @@ def _validate(cfg: Config) -> None:
                         "eval.alpha": cfg.eval.alpha}.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{name} must lie in [0, 1], got {value}")
-    if not 0.0 <= cfg.sids.tol < 1.0:
-        raise ConfigError(f"sids.tol must lie in [0, 1), got {cfg.sids.tol}")
+    for name, value in {"sids.tol": cfg.sids.tol, "model.cobra_sid_dropout": cfg.model.cobra_sid_dropout}.items():
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{name} must lie in [0, 1), got {value}")
     if cfg.data.min_len < 3:
         raise ConfigError(f"data.min_len must be at least 3 (train, valid and test items), got {cfg.data.min_len}")
     if cfg.loss.temperature <= 0:

@@ -164,6 +164,25 @@ def test_dual_loss_one_backward(negatives):
         assert model.text_proj.weight.grad is not None
 
 
+def test_sid_dropout_zeroes_a_share_of_sid_tokens_in_training_only():
+    model = tiny_model()
+    model.sid_dropout = 0.5
+    seen = []
+    encode = model._encode
+    model._encode = lambda layout, sid, vid: (seen.append(sid), encode(layout, sid, vid))[1]
+    histories = [[1 + (i + j) % NUM_ITEMS for j in range(5)] for i in range(20)]
+    batch = make_batch(histories, [h[0] for h in histories], training=True)
+    full = model.embeddings.vectors(torch.tensor([i for h in histories for i in h + [h[0]]])).sid_vec
+    model.train()
+    model(batch, generator=torch.Generator().manual_seed(0))
+    dropped = seen[-1].abs().sum(1) == 0  # [S] (history steps + the appended target step)
+    assert seen[-1].shape == full.shape and 0.3 < dropped.float().mean() < 0.7
+    assert torch.equal(seen[-1][~dropped], full[~dropped])  # kept tokens are untouched
+    model.eval()
+    model(batch, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(seen[-1], full)
+
+
 def _sid_loss_parts(model, sid_full_softmax: bool, sid_logq: bool):
     """The SID loss of ``model`` on a fixed query, and what it should be, by hand."""
     model.sid_full_softmax, model.sid_logq = sid_full_softmax, sid_logq
@@ -232,3 +251,31 @@ def test_cli_train_and_evaluate(tmp_path, cache_dir):
     assert main(["evaluate", run, "--decoder", "beam", "eval.beam_size=2", "eval.beam_ann=10"]) == 0
     beam = json.load(open(tmp_path / "run" / "metrics.json"))["test"]
     assert 0.0 <= beam["hr@1"] <= beam["hr@10"] <= 1.0 and beam["count"] == 610
+
+
+def test_sid_dedup_appends_the_disambiguation_code(tmp_path, cache_dir):
+    """``model.sid_dedup``: the TIGER code becomes one more SID layer, so COBRA's valid SIDs are
+    the items themselves; without it, items sharing a code tuple share a SID."""
+    from sidvid_rec.cli import main
+    from sidvid_rec.config import load_config
+    from sidvid_rec.data import load_sequences
+    from sidvid_rec.models.builder import load_sid_codes
+    from sidvid_rec.models.cobra_builder import build_cobra_module
+
+    sids = str(tmp_path / "sids")
+    common = [f"data.cache_dir={cache_dir}", "sids.encoder=tfidf", "sids.tfidf_dim=16", "sids.codebook_size=4",
+              "sids.layers=2", "sids.kmeans_iters=3", "sids.balance_iters=3"]
+    assert main(["sids", "build", "--out", sids, "--no-progress"] + common) == 0
+    small = ["model.mode=cobra", f"sids.dir={sids}", "model.dim=8", "model.dqk=8", "model.dv=8", "data.max_len=10"]
+    plain_cfg = load_config(None, common + small)
+    dedup_cfg = load_config(None, common + small + ["model.sid_dedup=true"])
+    data = load_sequences(plain_cfg.data)
+    plain, dedup = load_sid_codes(plain_cfg, data), load_sid_codes(dedup_cfg, data)
+    n = data.num_items
+    assert plain.shape == (n + 1, 2) and dedup.shape == (n + 1, 3)
+    np.testing.assert_array_equal(dedup[:, :2], plain)
+    assert len(np.unique(plain[1:], axis=0)) <= 16 < n  # 4 x 4 tuples for 9,724 items
+    assert len(np.unique(dedup[1:], axis=0)) == n and dedup[0, 2] < 0  # unique; padding row stays padding
+    model = build_cobra_module(dedup_cfg, data, dedup, table_device="cpu")
+    assert model.num_sids == n
+    assert torch.equal(torch.sort(model.sid_of_item[1:]).values, torch.arange(n))

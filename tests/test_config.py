@@ -27,6 +27,7 @@ def test_defaults_and_overrides():
         ("train.epochs=1.5", "expected an integer"),
         ("train.resume=maybe", "expected true or false"),
         ("model.dropout=2", "must lie in [0, 1]"),
+        ("model.cobra_sid_dropout=1", "model.cobra_sid_dropout must lie in [0, 1)"),
         ("epochs=3", "section.key"),
         ("train.epochs", "section.key=value"),
     ],

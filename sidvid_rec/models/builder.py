@@ -37,6 +37,8 @@ def load_sid_codes(cfg: Config, data: SequenceData) -> Optional[np.ndarray]:
             f"semantic IDs in {cfg.sids.dir} cover {artifacts.codes.shape[0] - 1} items, the data set has "
             f"{data.num_items}: they were built for another data set"
         )
+    if cfg.model.sid_dedup:
+        return np.concatenate([artifacts.codes, artifacts.dedup[:, None]], axis=1)
     return artifacts.codes
 
 

@@ -17,7 +17,9 @@ Training step (S = steps of the batch, B = sequences, T2 = 2 S - B tokens)::
 
 SIDs are scored as whole tuples against the valid SIDs (the distinct code tuples of the
 item set), so a decoder can never produce an invalid SID; a SID's vector is the prefixN sum
-of any of its items (identical for all of them).
+of any of its items (identical for all of them). With ``model.sid_dedup`` the tuples end with
+the disambiguation code, so every item has a SID of its own and the VID refines the ranking
+around it rather than telling apart the items of a shared SID.
 
 Inference (:meth:`CobraRecommender.prepare`): the history's tokens plus one appended SID
 token (the next step, at the target's time). Its output is the VID query; the output at the
@@ -88,12 +90,14 @@ class CobraRecommender(nn.Module):
             of ``sid_loss``'s sampled negatives.
         sid_logq: with sampled SID negatives, correct each negative SID's logit by the log of
             its over-representation among the draws (``items with that SID / mean items per SID``).
+        sid_dropout: in training, zero this share of the steps' SID token vectors (the type
+            embedding and position stay), so the VID query also learns from the history alone.
     """
 
     def __init__(self, embeddings: ItemEmbeddings, encoder: HSTUEncoder, sid_loss: SampledSoftmaxLoss,
                  vid_loss: InfoNCELoss, codes: np.ndarray, vid_weight: float = 1.0, temperature: float = 0.05,
                  query_time: QueryTime = "target", text_embeddings: Optional[Tensor] = None,
-                 sid_full_softmax: bool = False, sid_logq: bool = False) -> None:
+                 sid_full_softmax: bool = False, sid_logq: bool = False, sid_dropout: float = 0.0) -> None:
         super().__init__()
         if embeddings.mode != "cobra":
             raise ValueError(f"CobraRecommender needs embeddings in mode 'cobra', got {embeddings.mode!r}")
@@ -112,6 +116,9 @@ class CobraRecommender(nn.Module):
         self.register_buffer("sid_items", catalog.sid_items, persistent=False)
         self.sid_full_softmax = sid_full_softmax
         self.sid_logq = sid_logq
+        if not 0.0 <= sid_dropout < 1.0:
+            raise ValueError(f"sid_dropout must lie in [0, 1), got {sid_dropout}")
+        self.sid_dropout = sid_dropout
         # log(share of the items carrying each SID): uniform item negatives hit SID s that often.
         sid_sizes = torch.bincount(catalog.sid_of_item[1:], minlength=catalog.sid_items.numel()).float()
         self.register_buffer("sid_log_share", (sid_sizes / sid_sizes.sum()).log(), persistent=False)
@@ -180,7 +187,12 @@ class CobraRecommender(nn.Module):
         layout = interleave_layout(offsets, times, drop_last_vid=True, query_time=self.query_time)
         vectors = self.embeddings.vectors(items)
         vid_vec = self.vid_vectors(items, vectors.id_vec)  # [S, D]
-        h = self._encode(layout, vectors.sid_vec, vid_vec)  # [T2, D]
+        sid_tokens = vectors.sid_vec
+        if self.training and self.sid_dropout > 0:
+            draws = torch.rand(items.shape, generator=generator, device=generator.device if generator else items.device)
+            keep = draws.to(items.device) >= self.sid_dropout
+            sid_tokens = sid_tokens * keep.unsqueeze(1).to(sid_tokens.dtype)
+        h = self._encode(layout, sid_tokens, vid_vec)  # [T2, D]
         sup = supervision(layout, items)
         sid_out = self._sid_loss(h[sup.sid_rows], sup.sid_targets, generator)
         # In-batch pool: every step's own (id, vector) pair, VID and SID entries (the latter

@@ -72,7 +72,8 @@ def build_cobra_module(cfg: Config, data: SequenceData, codes: np.ndarray,
     text: Optional[torch.Tensor] = item_text_embeddings(cfg, data) if m.text_projection else None
     return CobraRecommender(embeddings, encoder, sid_loss, vid_loss, codes, vid_weight=loss.vid_weight,
                             temperature=loss.temperature, query_time=m.cobra_query_time, text_embeddings=text,
-                            sid_full_softmax=sid_full, sid_logq=loss.logq_correction)
+                            sid_full_softmax=sid_full, sid_logq=loss.logq_correction,
+                            sid_dropout=m.cobra_sid_dropout)
 
 
 def decoder_settings(e: EvalConfig) -> DecoderSettings:
