@@ -189,6 +189,7 @@ class CobraRecommender(nn.Module):
         vid_vec = self.vid_vectors(items, vectors.id_vec)  # [S, D]
         sid_tokens = vectors.sid_vec
         if self.training and self.sid_dropout > 0:
+            # Drawn where the (seeded) generator lives: the trainer's is on the CPU, the steps may be on CUDA.
             draws = torch.rand(items.shape, generator=generator, device=generator.device if generator else items.device)
             keep = draws.to(items.device) >= self.sid_dropout
             sid_tokens = sid_tokens * keep.unsqueeze(1).to(sid_tokens.dtype)
