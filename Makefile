@@ -3,7 +3,7 @@ PYTHON ?= python
 PIP ?= $(PYTHON) -m pip
 RUN_DIR ?= runs/demo
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast lint clean
 
 install:
 	$(PIP) install -r requirements/cpu.txt
@@ -13,8 +13,15 @@ install:
 demo: install
 	sidvid-rec pipeline --config configs/ml-latest-small/demo.yaml --run-dir $(RUN_DIR)
 
-test:
+test: lint
 	$(PYTHON) -m pytest -q -ra tests
+
+test-fast: lint
+	$(PYTHON) -m pytest -q -ra -m "not slow" tests
+
+# The layers contract of pyproject.toml: a backward import between stages fails here.
+lint:
+	lint-imports
 
 clean:
 	rm -rf runs build *.egg-info .pytest_cache

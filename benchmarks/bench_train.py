@@ -55,7 +55,7 @@ def prepare_sids(configs: List[str], outs: List[str], data_path: str, data_forma
     the matching ``outs`` directory; one row of build facts per config."""
     import numpy as np
 
-    from sidvid_rec.cli.embed_cmd import embed_dataset
+    from sidvid_rec.text import embed_dataset
     from sidvid_rec.cli.sids_cmd import rq_params
     from sidvid_rec.config import load_config
     from sidvid_rec.data import load_sequences
@@ -132,9 +132,10 @@ def train_steps(config: str, mode: str, data_path: str, data_format: str, cache_
     from sidvid_rec.config import load_config
     from sidvid_rec.data import load_sequences, make_split
     from sidvid_rec.data.batches import BatchIterator
-    from sidvid_rec.models.builder import build_model, unwrap
-    from sidvid_rec.train.distributed import init_distributed
-    from sidvid_rec.train.sharding import build_optimizers
+    from sidvid_rec.models.build import unwrap
+    from sidvid_rec.train.distributed import build_sharded_model
+    from sidvid_rec.process_group import init_distributed
+    from sidvid_rec.train.optimizers import build_optimizers
 
     extra = [f"model.mode={mode}", f"train.device={device}"] + ([f"sids.dir={sids_dir}"] if sids_dir else [])
     cfg = load_config(config, _overrides(data_path, data_format, cache_dir, extra))
@@ -142,8 +143,8 @@ def train_steps(config: str, mode: str, data_path: str, data_format: str, cache_
     torch.manual_seed(cfg.train.seed)
     data = load_sequences(cfg.data)
     split = make_split(data, "train", cfg.data.protocol, cfg.data.max_len)
-    model = build_model(cfg, data, ctx)
-    optimizers = build_optimizers(model, cfg.train, ctx)
+    model = build_sharded_model(cfg, data, ctx)
+    optimizers = build_optimizers(model, cfg.train)
     generator = torch.Generator(device="cpu")
     generator.manual_seed(cfg.train.seed)
     batches = BatchIterator(split, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)

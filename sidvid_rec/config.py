@@ -2,7 +2,11 @@
 
 Precedence: command-line overrides > YAML file > dataclass defaults. The defaults alone
 describe the HSTU ``id`` model on the embedded ml-latest-small data. Modules never see
-the whole :class:`Config`: ``cli.py`` and ``train/`` hand each builder its own section.
+the whole :class:`Config`: the builders (``models/build.py``, ``train/``, ``eval/``,
+``export/``) and the CLI hand each module its own section, or a small settings dataclass
+that a section inherits (:class:`RqParams` of ``sids``, :class:`DecoderSettings` of
+``eval``; :func:`narrow` cuts it out), so no setting is declared twice. The value types
+(``Literal`` switches) live in :mod:`sidvid_rec.types`.
 
 Example::
 
@@ -10,31 +14,20 @@ Example::
 """
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Type, TypeVar
 
 import yaml
 
-from sidvid_rec import io
-from sidvid_rec.errors import ConfigError
+from sidvid_rec import storage
+from sidvid_rec.errors import ArtifactError, ConfigError
+from sidvid_rec.types import (AttentionScale, Balance, BeamFuse, DataFormat, DecoderKind, Device, EmbeddingOptimizer,
+                              Fusion, IndexKind, ModelMode, Pooling, QueryTime, Sharding, SidSoftmax, SplitProtocol,
+                              VidNegatives)
 
-DataFormat = Literal["auto", "ml-100k", "ml-1m", "ml-20m", "ml-latest", "amazon"]
-Protocol = Literal["loo", "gr"]
-ModelMode = Literal["id", "sid", "sid_id", "cobra"]
-Fusion = Literal["sum", "fc", "mlp", "gate"]
-Balance = Literal["balanced", "none"]
-Pooling = Literal["auto", "mean", "last"]
-Decoder = Literal["direct", "neighbor", "soft", "beam"]
-BeamFuse = Literal["prod", "sum", "softmax"]
-VidNegatives = Literal["in_batch", "in_batch_global", "queue"]
-SidSoftmax = Literal["auto", "full", "sampled"]
-IndexKind = Literal["flat", "hnsw", "ivf"]
-Sharding = Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"]
-EmbeddingOptimizer = Literal["auto", "rowwise_adagrad", "adagrad", "sgd", "adam"]
-Device = Literal["auto", "cpu", "cuda"]
-AttentionScale = Literal["length", "max_len"]
-CobraQueryTime = Literal["target", "own"]
+T = TypeVar("T")
 
 
 @dataclass
@@ -43,7 +36,7 @@ class DataConfig:
     """Data directory; empty = the embedded MovieLens ml-latest-small."""
     format: DataFormat = "auto"
     """File format; ``auto`` detects it from the file names in ``path``."""
-    protocol: Protocol = "loo"
+    protocol: SplitProtocol = "loo"
     """``loo``: leave-one-out with validation; ``gr``: generative-recommenders (no validation)."""
     max_len: int = 200
     """History cap: the most recent ``max_len`` items of a sequence are kept."""
@@ -54,7 +47,31 @@ class DataConfig:
 
 
 @dataclass
-class SidsConfig:
+class RqParams:
+    """Residual k-means settings (the ``sids`` keys that :func:`~sidvid_rec.semantic_ids.residual.residual_kmeans` takes)."""
+
+    layers: int = 3
+    """Residual k-means layers L."""
+    codebook_size: int = 256
+    """Codes per layer K."""
+    balance: Balance = "balanced"
+    """``balanced``: OneRec-style size-constrained k-means; ``none``: plain RQ-KMeans."""
+    tol: float = 0.1
+    """Cluster sizes must lie in [ceil(n/K*(1-tol)), floor(n/K*(1+tol))]."""
+    kmeans_iters: int = 25
+    """Lloyd iterations of the initial (FAISS) k-means per layer."""
+    balance_iters: int = 50
+    """Maximum rebalancing rounds per layer."""
+    max_points_per_code: int = 256
+    """k-means and balancing rounds use at most this many points per code (a seeded sample); all items get codes."""
+    seed: int = 0
+    """Seed of the k-means initialisation."""
+
+
+@dataclass
+class SidsConfig(RqParams):
+    """Text embedding and semantic-ID settings; the k-means ones are inherited from :class:`RqParams`."""
+
     encoder: str = "minilm"
     """Text encoder: ``minilm`` (shipped weights), ``tfidf`` (no weights) or a local HF model dir."""
     pooling: Pooling = "auto"
@@ -69,27 +86,11 @@ class SidsConfig:
     """Where the HF text encoder runs; ``auto``: CUDA when available."""
     embed_cache_dir: str = ""
     """Embedding cache keyed by (encoder, text); empty = ``<data.cache_dir>/embeddings``."""
-    layers: int = 3
-    """Residual k-means layers L."""
-    codebook_size: int = 256
-    """Codes per layer K."""
-    balance: Balance = "balanced"
-    """``balanced``: OneRec-style size-constrained k-means; ``none``: plain RQ-KMeans."""
-    tol: float = 0.1
-    """Cluster sizes must lie in [ceil(n/K*(1-tol)), floor(n/K*(1+tol))]."""
     dedup: bool = True
     """Whether the SIDs are meant with the TIGER disambiguation code (recorded in the manifest;
     the code is stored either way, and the models append it with ``model.sid_dedup``)."""
-    kmeans_iters: int = 25
-    """Lloyd iterations of the initial (FAISS) k-means per layer."""
-    balance_iters: int = 50
-    """Maximum rebalancing rounds per layer."""
-    max_points_per_code: int = 256
-    """k-means and balancing rounds use at most this many points per code (a seeded sample); all items get codes."""
     threads: int = 0
     """FAISS threads of the k-means; 0 = library default (all cores). 1 is faster on an oversubscribed machine."""
-    seed: int = 0
-    """Seed of the k-means initialisation."""
     dir: str = ""
     """Semantic-ID artifact directory used by ``sid``/``sid_id``/``cobra`` models."""
 
@@ -127,7 +128,7 @@ class ModelConfig:
     sid_dedup: bool = False
     """Append the TIGER disambiguation code (stored by every ``sids build``) as one more SID
     layer, so every item's SID is unique (SID models rank items, not item groups)."""
-    cobra_query_time: CobraQueryTime = "target"
+    cobra_query_time: QueryTime = "target"
     """COBRA time-bias query time: ``target`` (of the step a token generates) or ``own`` (the token's)."""
     cobra_sid_dropout: float = 0.0
     """COBRA training: share of SID tokens whose vector is zeroed (type and position stay), so the
@@ -196,29 +197,37 @@ class TrainConfig:
 
 
 @dataclass
-class EvalConfig:
+class DecoderSettings:
+    """Knobs of the COBRA decoders (:mod:`sidvid_rec.decode`); the ``eval`` keys of the same names."""
+
+    soft_k: int = 5
+    """``soft``: top-k SIDs mixed."""
+    soft_tau: float = 0.5
+    """``soft``: weights are softmax(cosine / soft_tau)."""
+    beam_size: int = 5
+    """``beam``: SIDs kept."""
+    beam_ann: int = 50
+    """``beam``: items retrieved per SID (at least K are retrieved, so K distinct items exist)."""
+    beam_fuse: BeamFuse = "prod"
+    """``beam``: how SID and VID scores are fused."""
+    alpha: float = 0.5
+    """``beam``: SID weight (``prod``/``sum``) or SID logit multiplier (``softmax``)."""
+    beta: float = 1.0
+    """``beam`` with ``softmax`` fusion: VID logit multiplier (temperature of the ANN scores)."""
+
+
+@dataclass
+class EvalConfig(DecoderSettings):
+    """Evaluation settings; the decoder knobs are inherited from :class:`DecoderSettings`."""
+
     ks: List[int] = field(default_factory=lambda: [1, 5, 10, 50, 200])
     """Cut-offs of HR@K (NDCG@K for every K > 1)."""
     batch_size: int = 256
     """Users scored per batch."""
     filter_history: bool = True
     """Remove items already in the history from the ranking."""
-    decoder: Decoder = "direct"
+    decoder: DecoderKind = "direct"
     """COBRA decoder."""
-    soft_k: int = 5
-    """``soft``: top-k SIDs mixed."""
-    soft_tau: float = 0.5
-    """``soft``: softmax temperature of the SID weights."""
-    beam_size: int = 5
-    """``beam``: SIDs kept."""
-    beam_ann: int = 50
-    """``beam``: items retrieved per SID."""
-    beam_fuse: BeamFuse = "prod"
-    """``beam``: how SID and VID scores are fused."""
-    alpha: float = 0.5
-    """``beam``: weight of the SID score."""
-    beta: float = 1.0
-    """``beam`` with ``softmax`` fusion: temperature of the ANN scores."""
 
 
 @dataclass
@@ -357,8 +366,8 @@ def resolve_config_path(path: str) -> str:
     """Accepts a file path or a short name like ``ml-100k/hstu`` (looked up in ``./configs``)."""
     candidates = [path, f"configs/{path}", f"configs/{path}.yaml", f"{path}.yaml"]
     for candidate in candidates:
-        if io.exists(io.expand(candidate)) and not io.isdir(io.expand(candidate)):
-            return io.expand(candidate)
+        if storage.exists(storage.expand(candidate)) and not storage.isdir(storage.expand(candidate)):
+            return storage.expand(candidate)
     raise ConfigError(f"config file not found: {path}")
 
 
@@ -367,7 +376,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     cfg = Config()
     if path:
         resolved = resolve_config_path(path)
-        with io.open_file(resolved, "r") as f:
+        with storage.open_file(resolved, "r") as f:
             try:
                 raw = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
@@ -384,6 +393,12 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         _apply(cfg, section, key, value, "override")
     _validate(cfg)
     return cfg
+
+
+def narrow(section: Any, cls: Type[T]) -> T:
+    """The ``cls`` part of a config section that inherits it (``narrow(cfg.eval, DecoderSettings)``),
+    as a plain ``cls``: what a module takes instead of the whole section."""
+    return cls(**{f.name: getattr(section, f.name) for f in dataclasses.fields(cls)})
 
 
 def config_from_dict(raw: Dict[str, Dict[str, Any]]) -> Config:
@@ -405,3 +420,23 @@ def dump_config(cfg: Config) -> str:
             return [plain(v) for v in obj]
         return obj
     return yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False)
+
+
+RUN_OVERRIDE_SECTIONS = ("eval", "retrieval")
+"""What a command reading a trained run may change: nothing that shapes the model."""
+
+
+def load_run_config(run_dir: str, overrides: Sequence[str] = (), command: str = "evaluate") -> Config:
+    """The resolved config a run directory was trained with (its ``config.yaml``), with
+    ``eval.*`` / ``retrieval.*`` ``overrides`` (``command`` names the caller in the error)."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not storage.exists(path):
+        raise ArtifactError(f"{run_dir} is not a run directory (no config.yaml)")
+    with storage.open_file(path, "r") as f:
+        raw = config_from_dict(yaml.safe_load(f)).to_dict()
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section not in RUN_OVERRIDE_SECTIONS:
+            raise ConfigError(f"{command} takes eval.* and retrieval.* overrides only, got {section}.{key}")
+        raw.setdefault(section, {})[key] = value
+    return config_from_dict(raw)

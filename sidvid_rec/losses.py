@@ -53,8 +53,8 @@ class LossOutput(NamedTuple):
 
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    """``x [..., D]`` divided by its L2 norm (clamped at ``NORM_EPS``)."""
-    return x / x.norm(dim=-1, keepdim=True).clamp(min=NORM_EPS)
+    """``x [..., D]`` divided by its L2 norm (clamped at ``NORM_EPS``): ``F.normalize`` on the last dim."""
+    return F.normalize(x, dim=-1, eps=NORM_EPS)
 
 
 def uniform_item_ids(num_items: int, shape: Tuple[int, ...], generator: Optional[torch.Generator],

@@ -9,7 +9,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from sidvid_rec.data.batches import FEATURE_KEYS, SequenceBatch
 from sidvid_rec.losses import InfoNCELoss, SampledSoftmaxLoss
-from sidvid_rec.models.cobra import CobraRecommender, sid_catalog
+from sidvid_rec.models.cobra import CobraRecommender
+from sidvid_rec.semantic_ids.codebook import sid_catalog
 from sidvid_rec.modules.embeddings import ItemEmbeddings
 from sidvid_rec.modules.hstu import HSTUEncoder
 from sidvid_rec.modules.interleave import (SID_TYPE, VID_TYPE, append_step, deinterleave, interleave,
@@ -259,8 +260,8 @@ def test_sid_dedup_appends_the_disambiguation_code(tmp_path, cache_dir):
     from sidvid_rec.cli import main
     from sidvid_rec.config import load_config
     from sidvid_rec.data import load_sequences
-    from sidvid_rec.models.builder import load_sid_codes
-    from sidvid_rec.models.cobra_builder import build_cobra_module
+    from sidvid_rec.models.build import load_sid_codes
+    from sidvid_rec.models.build import build_model
 
     sids = str(tmp_path / "sids")
     common = [f"data.cache_dir={cache_dir}", "sids.encoder=tfidf", "sids.tfidf_dim=16", "sids.codebook_size=4",
@@ -276,6 +277,6 @@ def test_sid_dedup_appends_the_disambiguation_code(tmp_path, cache_dir):
     np.testing.assert_array_equal(dedup[:, :2], plain)
     assert len(np.unique(plain[1:], axis=0)) <= 16 < n  # 4 x 4 tuples for 9,724 items
     assert len(np.unique(dedup[1:], axis=0)) == n and dedup[0, 2] < 0  # unique; padding row stays padding
-    model = build_cobra_module(dedup_cfg, data, dedup, table_device="cpu")
+    model = build_model(dedup_cfg, data, table_device="cpu")
     assert model.num_sids == n
     assert torch.equal(torch.sort(model.sid_of_item[1:]).values, torch.arange(n))

@@ -11,7 +11,7 @@ from sidvid_rec.data.batches import FEATURE_KEYS, SequenceBatch
 from sidvid_rec.decode import DECODERS, DecodeContext, DecoderSettings, decode
 from sidvid_rec.decode.base import first_occurrence
 from sidvid_rec.decode.beam import fuse_scores, rank_candidates
-from sidvid_rec.decode.evaluate import list_ranks
+from sidvid_rec.eval.evaluate import list_ranks
 from sidvid_rec.decode.neighbor import nearest_other_sid
 from sidvid_rec.losses import InfoNCELoss, SampledSoftmaxLoss
 from sidvid_rec.models.cobra import CobraRecommender

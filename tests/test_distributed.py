@@ -101,13 +101,13 @@ out["evaluate"] = main(["evaluate", one, "--split", "valid"])
 # The row-wise model's tables gathered from the 2 ranks' shards (the export test's reference).
 import torch
 from sidvid_rec.data import load_sequences
-from sidvid_rec.models.builder import build_model
+from sidvid_rec.train.distributed import build_sharded_model
 from sidvid_rec.train import checkpoint as ckpt
-from sidvid_rec.train.distributed import init_distributed
-from sidvid_rec.train.sharding import gather_state_dict
-from sidvid_rec.train.trainer import load_run_config
+from sidvid_rec.process_group import init_distributed
+from sidvid_rec.train.distributed import gather_state_dict
+from sidvid_rec.config import load_run_config
 cfg = load_run_config(os.path.join(root, "row_wise"))
-model = build_model(cfg, load_sequences(cfg.data), init_distributed("cpu"))
+model = build_sharded_model(cfg, load_sequences(cfg.data), init_distributed("cpu"))
 ckpt.load_model_weights(ckpt.best_checkpoint(os.path.join(root, "row_wise")), model)
 state = gather_state_dict(model.state_dict())
 if rank == 0:
@@ -163,8 +163,8 @@ def test_two_ranks_match_one_rank(baseline):
 def test_world_size_that_does_not_fit_the_plan(baseline):
     from sidvid_rec.config import load_config
     from sidvid_rec.data import load_sequences
-    from sidvid_rec.models.builder import build_module
-    from sidvid_rec.train.sharding import check_world_size
+    from sidvid_rec.models.build import build_model as build_module
+    from sidvid_rec.train.planner import check_world_size
 
     cfg = load_config(None, [f"data.cache_dir={baseline['cache']}", *PARITY])
     module = build_module(cfg, load_sequences(cfg.data), table_device="meta")  # table width 16
@@ -221,7 +221,7 @@ def test_sigkill_mid_epoch_resumes_and_finishes(baseline):
 _WRITER = """
 import os, sys, torch
 from sidvid_rec.train import checkpoint as ckpt
-from sidvid_rec.train.distributed import init_distributed
+from sidvid_rec.process_group import init_distributed
 ctx = init_distributed("cpu")
 run_dir = sys.argv[1]
 for step in range(1, 10_000):

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from sidvid_rec.errors import ConfigError, DataError
+from sidvid_rec.semantic_ids.codebook import sid_prefix_ids
 from sidvid_rec.modules.embeddings import (
     ITEM_FEATURE,
     SID_FEATURE,
     ItemEmbeddings,
-    sid_prefix_ids,
 )
 from sidvid_rec.modules.fusion import SidIdFusion
 from sidvid_rec.train.optimizers import (
@@ -247,7 +247,7 @@ def test_dmp_world_size_one_fused_matches_unsharded():
     from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
     from torchrec.distributed.types import ShardingType
 
-    from sidvid_rec.train.distributed import init_distributed
+    from sidvid_rec.process_group import init_distributed
 
     init_distributed("cpu")
     if torch.distributed.get_world_size() != 1:

@@ -25,21 +25,21 @@ def exported(tmp_path_factory):
 
 def _trained_model(exported):
     from sidvid_rec.data import load_sequences
-    from sidvid_rec.models.builder import build_model
+    from sidvid_rec.train.distributed import build_sharded_model
     from sidvid_rec.train import checkpoint as ckpt
-    from sidvid_rec.train.distributed import init_distributed
-    from sidvid_rec.train.trainer import load_run_config
+    from sidvid_rec.process_group import init_distributed
+    from sidvid_rec.config import load_run_config
 
     cfg = load_run_config(str(exported["run"]))
     data = load_sequences(cfg.data)
-    model = build_model(cfg, data, init_distributed("cpu"))
+    model = build_sharded_model(cfg, data, init_distributed("cpu"))
     ckpt.load_model_weights(ckpt.best_checkpoint(str(exported["run"])), model)
     return cfg, data, model
 
 
 def test_exported_tables_equal_the_trained_model(exported):
-    from sidvid_rec.models.builder import unwrap
-    from sidvid_rec.train.sharding import gather_state_dict
+    from sidvid_rec.models.build import unwrap
+    from sidvid_rec.train.distributed import gather_state_dict
 
     cfg, data, model = _trained_model(exported)
     state = gather_state_dict(model.state_dict())
@@ -67,8 +67,8 @@ def test_retrieve_returns_the_evaluate_top_k(exported, capsys):
     from sidvid_rec.data import make_split
     from sidvid_rec.data.batches import collate
     from sidvid_rec.eval.ranking import mask_history
-    from sidvid_rec.models.builder import unwrap
-    from sidvid_rec.retrieval.export_index import load_export
+    from sidvid_rec.models.build import unwrap
+    from sidvid_rec.export.serving import load_export
 
     cfg, data, model = _trained_model(exported)
     split = make_split(data, "valid", cfg.data.protocol, cfg.data.max_len)
@@ -160,7 +160,7 @@ def test_retrieval_needs_no_training_code(exported):
 
     code = (
         "import sys\n"
-        "from sidvid_rec.retrieval.export_index import load_export\n"
+        "from sidvid_rec.export.serving import load_export\n"
         f"items = load_export({str(exported['out'])!r}).retrieve(['1', '50', '260'], k=3).items\n"
         "assert len(items) == 3, items\n"
         "bad = [m for m in sys.modules if m.startswith(('torchrec', 'sidvid_rec.train', 'sidvid_rec.models'))]\n"

@@ -38,25 +38,24 @@ def decoded(cobra_export):
     """The trained (DMP) model's decoders on 12 validation users: ``{decoder: TopK}`` + the batch."""
     from sidvid_rec.data import load_sequences, make_split
     from sidvid_rec.data.batches import collate
-    from sidvid_rec.decode import DecodeContext, decode
-    from sidvid_rec.models.builder import build_model, unwrap
-    from sidvid_rec.models.cobra_builder import build_vid_index, decoder_settings
+    from sidvid_rec.decode import decode
+    from sidvid_rec.eval.evaluate import cobra_decode_context
+    from sidvid_rec.models.build import unwrap
+    from sidvid_rec.train.distributed import build_sharded_model
     from sidvid_rec.train import checkpoint as ckpt
-    from sidvid_rec.train.distributed import init_distributed
-    from sidvid_rec.train.trainer import load_run_config
+    from sidvid_rec.process_group import init_distributed
+    from sidvid_rec.config import load_run_config
 
     run = str(cobra_export["run"])
     cfg = load_run_config(run)
     data = load_sequences(cfg.data)
-    model = build_model(cfg, data, init_distributed("cpu"))
+    model = build_sharded_model(cfg, data, init_distributed("cpu"))
     ckpt.load_model_weights(ckpt.best_checkpoint(run), model)
     module = unwrap(model).eval()
     split = make_split(data, "valid", cfg.data.protocol, cfg.data.max_len)
     examples = torch.arange(0, 600, 50).numpy()  # 12 users
     batch = collate(split, examples, torch.ones(len(examples)).numpy())
-    sid_table, vid_table = module.decoding_tables()
-    ctx = DecodeContext(module, sid_table, build_vid_index(vid_table, cfg), decoder_settings(cfg.eval),
-                        cfg.eval.filter_history)
+    ctx = cobra_decode_context(module, cfg)
     with torch.no_grad():
         tops = {kind: decode(kind, ctx, batch, K) for kind in DECODERS}
     return {"cfg": cfg, "data": data, "module": module, "batch": batch, "tops": tops}
@@ -93,7 +92,7 @@ def test_manifest_records_what_decoding_needs(cobra_export, decoded):
 def test_retrieve_equals_the_trained_decoder(cobra_export, decoded, kind):
     """Per user, the export's top-K (from its files alone) is the trained model's decoder top-K:
     same items in the same order, same scores; K distinct items, none from the history."""
-    from sidvid_rec.retrieval.export_index import load_export
+    from sidvid_rec.export.serving import load_export
 
     export = load_export(str(cobra_export["out"]))
     top = decoded["tops"][kind]
@@ -105,7 +104,7 @@ def test_retrieve_equals_the_trained_decoder(cobra_export, decoded, kind):
 
 
 def test_default_decoder_is_the_runs(cobra_export, decoded):
-    from sidvid_rec.retrieval.export_index import load_export
+    from sidvid_rec.export.serving import load_export
 
     export = load_export(str(cobra_export["out"]))
     b, history, times, query_time = next(_histories(decoded["batch"]))
@@ -116,8 +115,8 @@ def test_default_decoder_is_the_runs(cobra_export, decoded):
 def test_long_history_encodes_the_recent_steps_and_filters_all(cobra_export, decoded):
     """Past ``max_len`` steps the encoder sees the most recent ones (as evaluation batches
     hold them); every given item is still kept out of the list."""
-    from sidvid_rec.retrieval.cobra_export import HistoryBatch
-    from sidvid_rec.retrieval.export_index import load_export
+    from sidvid_rec.export.cobra import HistoryBatch
+    from sidvid_rec.export.serving import load_export
 
     export = load_export(str(cobra_export["out"]))
     history = list(range(1, 31))
@@ -174,7 +173,7 @@ def test_cobra_retrieval_needs_no_training_code(cobra_export):
 
     code = (
         "import sys\n"
-        "from sidvid_rec.retrieval.export_index import load_export\n"
+        "from sidvid_rec.export.serving import load_export\n"
         f"export = load_export({str(cobra_export['out'])!r})\n"
         f"for kind in {DECODERS!r}:\n"
         "    items = export.retrieve(['1', '50', '260'], k=3, decoder=kind).items\n"

@@ -79,9 +79,9 @@ def test_item_id_beyond_table_is_rejected(cache_dir):
     from sidvid_rec.config import load_config
     from sidvid_rec.data import load_sequences
     from sidvid_rec.errors import UserError
-    from sidvid_rec.models.builder import build_module
+    from sidvid_rec.models.build import build_model
 
     cfg = load_config(None, [f"data.cache_dir={cache_dir}", *TINY])
-    model = build_module(cfg, load_sequences(cfg.data), table_device="cpu")
+    model = build_model(cfg, load_sequences(cfg.data), table_device="cpu")
     with pytest.raises((UserError, ValueError), match="9725"):
         model.embeddings.embed(torch.tensor([1, 9725]))

@@ -16,7 +16,7 @@ from typing import List, Optional
 
 from sidvid_rec.errors import UserError
 
-# Subcommand modules, in the order of the pipeline. A module missing here is a bug.
+# Subcommand modules, in the order of the pipeline.
 _COMMAND_MODULES = (
     "sidvid_rec.cli.data_cmd",
     "sidvid_rec.cli.embed_cmd",
@@ -37,13 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # not written yet: the command is simply absent
-                continue
-            raise
-        module.register(subparsers)
+        importlib.import_module(name).register(subparsers)
     return parser
 
 

@@ -7,16 +7,10 @@ embedding cache are not encoded again.
 
 import argparse
 import json
-import os
-from typing import Any, Dict, Tuple
 
-import numpy as np
-
-from sidvid_rec import io
 from sidvid_rec.cli.common import add_config_args, config_from_args
-from sidvid_rec.config import Config, SidsConfig
-from sidvid_rec.data import SequenceData, load_sequences
-from sidvid_rec.text import TextEncoder, build_encoder, embed_items, save_embeddings
+from sidvid_rec.data import load_sequences
+from sidvid_rec.text import embed_dataset, save_embeddings
 from sidvid_rec.text.store import check_output
 
 
@@ -30,26 +24,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_config_args(parser)
     parser.set_defaults(func=run)
-
-
-def encoder_from_config(sids: SidsConfig) -> TextEncoder:
-    """The configured text encoder (flat arguments out of the ``sids`` section)."""
-    return build_encoder(sids.encoder, pooling=sids.pooling, max_tokens=sids.max_tokens,
-                         device=sids.text_device, tfidf_dim=sids.tfidf_dim, seed=sids.seed)
-
-
-def embed_cache_dir(cfg: Config) -> str:
-    """``sids.embed_cache_dir``, or ``<data.cache_dir>/embeddings`` when empty."""
-    return io.expand(cfg.sids.embed_cache_dir or os.path.join(cfg.data.cache_dir, "embeddings"))
-
-
-def embed_dataset(cfg: Config, data: SequenceData, progress: bool = True) -> Tuple[np.ndarray, Dict[str, Any]]:
-    """Embeddings ``[N+1, D]`` of ``data``'s items and their manifest (without file hashes)."""
-    vectors, identity = embed_items(data.item_text, encoder_from_config(cfg.sids), embed_cache_dir(cfg),
-                                    cfg.sids.text_batch_size, progress)
-    manifest = {"encoder": identity, "pooling": identity.get("pooling"), "data_fingerprint": data.fingerprint,
-                "data_format": data.format}
-    return vectors, manifest
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,51 +6,47 @@ for that split and prints the metrics as one JSON object on the last line of std
 
 import argparse
 import json
+from typing import get_args
 import os
 
-from sidvid_rec import io
+from sidvid_rec.types import DecoderKind
+from sidvid_rec import storage
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("evaluate", help="full-ranking evaluation of a run's best checkpoint")
     parser.add_argument("run_dir", help="run directory written by `sidvid-rec train`")
     parser.add_argument("--split", choices=["valid", "test"], default="test")
-    parser.add_argument("--decoder", choices=["direct", "neighbor", "soft", "beam"], default=None,
+    parser.add_argument("--decoder", choices=get_args(DecoderKind), default=None,
                         help="COBRA decoder (default: eval.decoder of the run's config)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="eval.* / retrieval.* overrides")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from sidvid_rec.config import config_from_dict, parse_override
+    # Imported here, not at the top: `sidvid-rec --help` must not load torch/torchrec.
+    from sidvid_rec.config import load_run_config
     from sidvid_rec.data import load_sequences, make_split
     from sidvid_rec.errors import ConfigError
-    from sidvid_rec.models.builder import build_model, evaluate_model
+    from sidvid_rec.eval.evaluate import evaluate_model
+    from sidvid_rec.process_group import init_distributed
     from sidvid_rec.train import checkpoint as ckpt
-    from sidvid_rec.train.distributed import init_distributed
-    from sidvid_rec.train.trainer import load_run_config
+    from sidvid_rec.train.distributed import build_sharded_model
 
-    cfg = load_run_config(args.run_dir)
     overrides = list(args.overrides) + ([f"eval.decoder={args.decoder}"] if args.decoder else [])
-    raw = cfg.to_dict()
-    for text in overrides:
-        section, key, value = parse_override(text)
-        if section not in ("eval", "retrieval"):
-            raise ConfigError(f"evaluate takes eval.* and retrieval.* overrides only, got {section}.{key}")
-        raw.setdefault(section, {})[key] = value
-    cfg = config_from_dict(raw)
+    cfg = load_run_config(args.run_dir, overrides, command="evaluate")
     if args.split == "valid" and cfg.data.protocol == "gr":
         raise ConfigError("protocol gr has no validation split; use --split test")
     best = ckpt.best_checkpoint(args.run_dir)
     ctx = init_distributed(cfg.train.device)
     data = load_sequences(cfg.data)
-    model = build_model(cfg, data, ctx)
+    model = build_sharded_model(cfg, data, ctx)
     ckpt.load_model_weights(best, model, ckpt.model_fingerprint(cfg, data.num_items))
     metrics = evaluate_model(model, make_split(data, args.split, cfg.data.protocol, cfg.data.max_len), cfg, ctx)
     if ctx.is_main:
         path = os.path.join(args.run_dir, "metrics.json")
-        results = io.read_json(path) if io.exists(path) else {}
+        results = storage.read_json(path) if storage.exists(path) else {}
         results[args.split] = metrics
-        io.write_json(path, results)
+        storage.write_json(path, results)
         print(json.dumps(metrics))
     return 0

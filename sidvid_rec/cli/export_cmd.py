@@ -16,7 +16,10 @@
 
 import argparse
 import json
-from typing import List, Optional
+from typing import List, Optional, get_args
+
+from sidvid_rec.types import DecoderKind
+from sidvid_rec.errors import DataError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,22 +44,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="time of the recommendation (default: the last history item's time)")
     retrieve.add_argument("--internal-ids", action="store_true",
                           help="--history and the output use internal ids 1..N instead of raw ids")
-    retrieve.add_argument("--decoder", choices=["direct", "neighbor", "soft", "beam"], default=None,
+    retrieve.add_argument("--decoder", choices=get_args(DecoderKind), default=None,
                           help="COBRA decoder (default: the run's eval.decoder); modes id/sid/sid_id take none "
                                "(their top-K is exact inner product)")
     retrieve.set_defaults(func=run_retrieve)
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from sidvid_rec.export import export_run
+    from sidvid_rec.export.writer import export_run  # here: `sidvid-rec --help` must not load torch
 
     print(json.dumps(export_run(args.run_dir, args.out, args.checkpoint, args.overrides)))
     return 0
 
 
 def _int_list(text: Optional[str], what: str) -> Optional[List[int]]:
-    from sidvid_rec.errors import DataError
-
     if text is None:
         return None
     try:
@@ -66,7 +67,7 @@ def _int_list(text: Optional[str], what: str) -> Optional[List[int]]:
 
 
 def run_retrieve(args: argparse.Namespace) -> int:
-    from sidvid_rec.retrieval.export_index import load_export
+    from sidvid_rec.export.serving import load_export  # here: `sidvid-rec --help` must not load torch
 
     history = [t.strip() for t in args.history.split(",") if t.strip()]
     if args.internal_ids:

@@ -26,7 +26,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from sidvid_rec import io
+from sidvid_rec import storage
 from sidvid_rec.cli.common import add_config_args, config_from_args
 from sidvid_rec.config import Config
 
@@ -58,19 +58,19 @@ class Plan:
 
     def __init__(self, cfg: Config, run_dir: str) -> None:
         self.cfg = cfg
-        self.run_dir = io.expand(run_dir)
+        self.run_dir = storage.expand(run_dir)
         self.embeddings = os.path.join(self.run_dir, "embeddings")
         self.sids = os.path.join(self.run_dir, "sids")
         self.export = os.path.join(self.run_dir, "export")
         path = os.path.join(self.run_dir, STAMPS)
-        self.stamps: Dict[str, Dict[str, Any]] = io.read_json(path) if io.exists(path) else {}
+        self.stamps: Dict[str, Dict[str, Any]] = storage.read_json(path) if storage.exists(path) else {}
 
     @property
     def uses_sids(self) -> bool:
         return self.cfg.model.mode != "id"
 
     def _manifest_digest(self, path: str) -> Optional[str]:
-        return io.sha256_file(path) if io.exists(path) else None
+        return storage.sha256_file(path) if storage.exists(path) else None
 
     def inputs(self, step: str) -> str:
         """Hash of what ``step`` reads (config fields + upstream artifacts)."""
@@ -103,7 +103,7 @@ class Plan:
             "evaluate": os.path.join(self.run_dir, "metrics.json"),
             "export": os.path.join(self.export, "manifest.json"),
         }
-        return io.exists(paths[step])
+        return storage.exists(paths[step])
 
     def is_current(self, step: str) -> bool:
         stamp = self.stamps.get(step, {})
@@ -111,7 +111,7 @@ class Plan:
 
     def record(self, step: str, inputs: str, done: bool) -> None:
         self.stamps[step] = {"inputs": inputs, "done": done}
-        io.write_json(os.path.join(self.run_dir, STAMPS), self.stamps)
+        storage.write_json(os.path.join(self.run_dir, STAMPS), self.stamps)
 
 
 def _config_args(args: argparse.Namespace, plan: Plan) -> List[str]:
@@ -161,7 +161,7 @@ def _run_step(step: str, argv: List[str], main: Callable[[List[str]], int], ctx:
     is_main = ctx is None or ctx.is_main
     rc = main(argv) if (_on_all_ranks(step) or is_main) else 0
     if ctx is not None and ctx.world_size > 1:
-        import torch
+        import torch  # here: `sidvid-rec --help` must not load torch
         import torch.distributed as dist
 
         worst = torch.tensor([rc])
@@ -171,18 +171,18 @@ def _run_step(step: str, argv: List[str], main: Callable[[List[str]], int], ctx:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sidvid_rec.cli import main
+    from sidvid_rec.cli import main  # here: sidvid_rec.cli imports this module at start-up
 
     cfg = config_from_args(args)  # validates the config before anything runs
     ctx = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from sidvid_rec.train.distributed import init_distributed
+        from sidvid_rec.process_group import init_distributed  # here: `sidvid-rec --help` must not load torch
 
         ctx = init_distributed(cfg.train.device)
     is_main = ctx is None or ctx.is_main
     plan = Plan(cfg, args.run_dir)
     if is_main:
-        io.mkdirs(plan.run_dir)
+        storage.mkdirs(plan.run_dir)
     summary: Dict[str, str] = {}
     for step in STEPS:
         plan = Plan(cfg, args.run_dir)  # re-read the stamps the previous step wrote
@@ -211,6 +211,6 @@ def run(args: argparse.Namespace) -> int:
         summary[step] = "ran"
     if is_main:
         metrics_path = os.path.join(plan.run_dir, "metrics.json")
-        metrics = io.read_json(metrics_path).get("test") if io.exists(metrics_path) else None
+        metrics = storage.read_json(metrics_path).get("test") if storage.exists(metrics_path) else None
         print(json.dumps({"run_dir": plan.run_dir, "steps": summary, "test": metrics, "export": plan.export}))
     return 0

@@ -10,17 +10,16 @@ import json
 import os
 from typing import Any, Dict, Optional, Tuple
 
-from sidvid_rec import io
+from sidvid_rec import storage
 from sidvid_rec.cli.common import add_config_args, config_from_args
-from sidvid_rec.cli.embed_cmd import embed_dataset
-from sidvid_rec.config import Config, SidsConfig
+from sidvid_rec.config import Config, RqParams, SidsConfig, narrow
 from sidvid_rec.data import SequenceData, load_sequences
 from sidvid_rec.errors import UserError
-from sidvid_rec.semantic_ids import (RqParams, SidArtifacts, SizeBounds, build_semantic_ids, load_sid_artifacts,
+from sidvid_rec.semantic_ids import (SidArtifacts, SizeBounds, build_semantic_ids, load_sid_artifacts,
                                      render_compare, render_markdown, sid_report, write_semantic_ids)
 from sidvid_rec.semantic_ids.artifacts import FORMAT, REPORT_JSON, write_report_files
 from sidvid_rec.semantic_ids.kmeans import faiss_threads
-from sidvid_rec.text import load_embeddings
+from sidvid_rec.text import embed_dataset, load_embeddings
 from sidvid_rec.text.store import array_sha256, check_replaceable
 
 
@@ -55,9 +54,7 @@ def rq_params(sids: SidsConfig) -> RqParams:
     if sids.kmeans_iters < 1 or sids.balance_iters < 0 or sids.threads < 0:
         raise UserError(f"sids.kmeans_iters must be >= 1, sids.balance_iters and sids.threads >= 0, "
                         f"got {sids.kmeans_iters}, {sids.balance_iters} and {sids.threads}")
-    return RqParams(layers=sids.layers, codebook_size=sids.codebook_size, balance=sids.balance, tol=sids.tol,
-                    kmeans_iters=sids.kmeans_iters, balance_iters=sids.balance_iters,
-                    max_points_per_code=sids.max_points_per_code, seed=sids.seed)
+    return narrow(sids, RqParams)
 
 
 def _embeddings_for(args: argparse.Namespace, cfg: Config, data: SequenceData) -> Dict[str, Any]:
@@ -72,13 +69,13 @@ def _embeddings_for(args: argparse.Namespace, cfg: Config, data: SequenceData) -
     if fingerprint and fingerprint != data.fingerprint:
         raise UserError(f"{args.embeddings} was built for data fingerprint {fingerprint}, "
                         f"the configured data set is {data.fingerprint}")
-    return {"vectors": emb.vectors, "encoder": emb.manifest.get("encoder"), "file": io.expand(args.embeddings)}
+    return {"vectors": emb.vectors, "encoder": emb.manifest.get("encoder"), "file": storage.expand(args.embeddings)}
 
 
 def run_build(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     params = rq_params(cfg.sids)
-    check_replaceable(io.expand(args.out), FORMAT)  # fail before the expensive part
+    check_replaceable(storage.expand(args.out), FORMAT)  # fail before the expensive part
     data = load_sequences(cfg.data)
     emb = _embeddings_for(args, cfg, data)
     x = emb["vectors"][1:]  # row 0 is the padding item
@@ -88,7 +85,7 @@ def run_build(args: argparse.Namespace) -> int:
                   "embeddings_sha256": array_sha256(emb["vectors"]),
                   "data_fingerprint": data.fingerprint, "data_format": data.format}
     report = write_semantic_ids(args.out, sids, x, provenance)
-    print(render_markdown(report, title=f"Semantic-ID quality: {io.expand(args.out)}"), end="")
+    print(render_markdown(report, title=f"Semantic-ID quality: {storage.expand(args.out)}"), end="")
     return 0
 
 
@@ -108,9 +105,9 @@ def artifact_report(directory: str, embeddings: Optional[str] = None) -> Tuple[S
             raise UserError(f"{embeddings} holds {emb.num_items} items but {directory} has {art.num_items}")
         return art, sid_report(codes, art.codebooks, emb.vectors[1:])
     report = sid_report(codes, art.codebooks, None)
-    stored_path = os.path.join(io.expand(directory), REPORT_JSON)
-    if io.exists(stored_path):
-        stored = io.read_json(stored_path)
+    stored_path = os.path.join(storage.expand(directory), REPORT_JSON)
+    if storage.exists(stored_path):
+        stored = storage.read_json(stored_path)
         for row, old in zip(report["layers"], stored.get("layers", [])):
             row["mse"], row["cosine"] = old.get("mse"), old.get("cosine")
     return art, report
@@ -118,11 +115,11 @@ def artifact_report(directory: str, embeddings: Optional[str] = None) -> Tuple[S
 
 def run_report(args: argparse.Namespace) -> int:
     art, report = artifact_report(args.dir, args.embeddings)
-    write_report_files(io.expand(args.dir), report, art.codes[1:], art.codebook_size, _bounds(art))
+    write_report_files(storage.expand(args.dir), report, art.codes[1:], art.codebook_size, _bounds(art))
     if args.json:
         print(json.dumps(report))
     else:
-        print(render_markdown(report, title=f"Semantic-ID quality: {io.expand(args.dir)}"), end="")
+        print(render_markdown(report, title=f"Semantic-ID quality: {storage.expand(args.dir)}"), end="")
     return 0
 
 
@@ -131,7 +128,7 @@ def run_compare(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"a": a, "b": b}))
         return 0
-    name_a, name_b = os.path.basename(io.expand(args.a)), os.path.basename(io.expand(args.b))
+    name_a, name_b = os.path.basename(storage.expand(args.a)), os.path.basename(storage.expand(args.b))
     if name_a == name_b:
         name_a, name_b = "A", "B"
     print(render_compare(a, b, name_a, name_b), end="")

@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sidvid_rec.train.trainer import run_training
+    from sidvid_rec.train.trainer import run_training  # here: `sidvid-rec --help` must not load torch
 
     cfg = config_from_args(args)
     results = run_training(cfg, args.run_dir)

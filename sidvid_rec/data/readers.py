@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Tuple
 import numpy as np
 import pandas as pd
 
-from sidvid_rec import io
+from sidvid_rec import storage
 from sidvid_rec.errors import DataError
 
 # Files that identify each format, checked in this order.
@@ -54,11 +54,11 @@ class RawInteractions:
 
 def detect_format(path: str) -> str:
     """Returns the format whose identifying files are all present in ``path``."""
-    if not io.exists(path):
+    if not storage.exists(path):
         raise DataError(f"data path does not exist: {path}")
-    if not io.isdir(path):
+    if not storage.isdir(path):
         raise DataError(f"data path is not a directory: {path}")
-    names = set(io.ls(path))
+    names = set(storage.ls(path))
     for fmt, files in FORMAT_FILES.items():
         if all(f in names for f in files):
             return fmt
@@ -81,7 +81,7 @@ def read(path: str, fmt: str = "auto") -> RawInteractions:
     if fmt not in _READERS:
         raise DataError(f"unknown data format {fmt!r} (known: auto, {', '.join(FORMAT_FILES)}, ml-20m)")
     for f in input_files(path, fmt):
-        if not io.exists(f):
+        if not storage.exists(f):
             raise DataError(f"{fmt} data needs {os.path.basename(f)}, missing in {path}")
     raw = _READERS[fmt](path)
     _check_items_have_text(raw, path)
@@ -92,7 +92,7 @@ def read(path: str, fmt: str = "auto") -> RawInteractions:
 
 
 def _read_text(path: str, encoding: str) -> str:
-    with io.open_file(path, "rb") as f:
+    with storage.open_file(path, "rb") as f:
         data = f.read()
     if not data.strip():
         raise DataError(f"{path} is empty")

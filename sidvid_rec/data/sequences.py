@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from sidvid_rec import io
+from sidvid_rec import storage
 from sidvid_rec.config import DataConfig
 from sidvid_rec.data import readers
 from sidvid_rec.errors import DataError
@@ -109,40 +109,40 @@ def build_sequences(raw: readers.RawInteractions, min_len: int, fingerprint: str
 
 
 def resolve_data_path(cfg: DataConfig) -> str:
-    return io.expand(cfg.path) if cfg.path else DEFAULT_DATA_DIR
+    return storage.expand(cfg.path) if cfg.path else DEFAULT_DATA_DIR
 
 
 def fingerprint(path: str, fmt: str, min_len: int) -> str:
     """sha256 over the format, ``min_len`` and the bytes of the files the format reads."""
     digest = hashlib.sha256(f"v{CACHE_VERSION}|{fmt}|{min_len}".encode())
     for f in readers.input_files(path, fmt):
-        if not io.exists(f):
+        if not storage.exists(f):
             raise DataError(f"{fmt} data needs {os.path.basename(f)}, missing in {path}")
-        digest.update(io.sha256_file(f).encode())
+        digest.update(storage.sha256_file(f).encode())
     return digest.hexdigest()[:16]
 
 
 def _cache_dir(cfg: DataConfig, fp: str) -> str:
-    return os.path.join(io.expand(cfg.cache_dir), "sequences", fp)
+    return os.path.join(storage.expand(cfg.cache_dir), "sequences", fp)
 
 
 def _save_cache(data: SequenceData, directory: str) -> None:
-    with io.atomic_dir(directory) as tmp:
-        with io.open_file(os.path.join(tmp, "sequences.npz"), "wb") as f:
+    with storage.atomic_dir(directory) as tmp:
+        with storage.open_file(os.path.join(tmp, "sequences.npz"), "wb") as f:
             np.savez(f, item_values=data.item_values, timestamps=data.timestamps, ratings=data.ratings,
                      offsets=data.offsets, user_raw_ids=data.user_raw_ids, item_raw_ids=data.item_raw_ids)
         meta = {"item_title": data.item_title, "item_text": data.item_text, "dropped_users": data.dropped_users,
                 "timestamps_are_positions": data.timestamps_are_positions, "format": data.format,
                 "fingerprint": data.fingerprint, "version": CACHE_VERSION}
-        with io.open_file(os.path.join(tmp, "items.json"), "w") as f:
+        with storage.open_file(os.path.join(tmp, "items.json"), "w") as f:
             json.dump(meta, f)
 
 
 def _load_cache(directory: str) -> Optional[SequenceData]:
     try:
-        with io.open_file(os.path.join(directory, "sequences.npz"), "rb") as f:
+        with storage.open_file(os.path.join(directory, "sequences.npz"), "rb") as f:
             arrays = dict(np.load(f, allow_pickle=False))
-        with io.open_file(os.path.join(directory, "items.json"), "r") as f:
+        with storage.open_file(os.path.join(directory, "items.json"), "r") as f:
             meta = json.load(f)
     except (OSError, ValueError, KeyError):
         return None  # a damaged cache is rebuilt, never trusted
@@ -160,7 +160,7 @@ def load_sequences(cfg: DataConfig, use_cache: bool = True, write_cache: bool = 
         raise DataError(f"unknown data format {cfg.format!r}")
     fp = fingerprint(path, fmt, cfg.min_len)
     cache = _cache_dir(cfg, fp)
-    if use_cache and io.exists(cache):
+    if use_cache and storage.exists(cache):
         cached = _load_cache(cache)
         if cached is not None:
             return cached

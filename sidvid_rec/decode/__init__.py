@@ -8,11 +8,14 @@ Example::
 
 from typing import TYPE_CHECKING, Callable, Dict
 
-from sidvid_rec.decode.base import DecodeContext, DecoderKind, DecoderSettings, TopK
+from sidvid_rec.config import DecoderSettings
+from sidvid_rec.decode.base import DecodeContext, ItemSearcher, TopK
 from sidvid_rec.decode.beam import decode_beam
 from sidvid_rec.decode.direct import decode_direct
 from sidvid_rec.decode.neighbor import decode_neighbor
 from sidvid_rec.decode.soft import decode_soft
+
+from sidvid_rec.types import DecoderKind
 
 if TYPE_CHECKING:  # torchrec-free at run time: an export decodes without the training stack
     from sidvid_rec.data.batches import SequenceBatch
@@ -32,4 +35,4 @@ def decode(kind: DecoderKind, ctx: DecodeContext, batch: "SequenceBatch", k: int
     return DECODERS[kind](ctx, batch, k)
 
 
-__all__ = ["DECODERS", "DecodeContext", "DecoderKind", "DecoderSettings", "TopK", "decode"]
+__all__ = ["DECODERS", "DecodeContext", "DecoderKind", "DecoderSettings", "ItemSearcher", "TopK", "decode"]

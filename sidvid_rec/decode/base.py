@@ -5,46 +5,42 @@ example's history (when filtering is on), best first. SIDs are scored as whole t
 the catalogue of *valid* SIDs (``sid_table [S, D]``: the distinct code tuples of the item
 set), which plays the role of a trie over valid SIDs: no decoder can ever produce a SID that
 no item carries. Items are retrieved from a FAISS index over the VID vectors
-(:class:`~sidvid_rec.retrieval.VidIndex`).
+(:class:`ItemSearcher`, implemented by :class:`~sidvid_rec.retrieval.VidIndex`; the
+decoders do not import the retrieval layer).
 
 Decoders read only ``batch.jagged("item_id")`` (``values()``, ``offsets()``: the history to
 filter) and hand the batch to ``model.prepare``; so the batch is a
 :class:`~sidvid_rec.data.batches.SequenceBatch` in evaluation and a torchrec-free
-:class:`~sidvid_rec.retrieval.cobra_export.HistoryBatch` when decoding from an export.
+:class:`~sidvid_rec.export.cobra.HistoryBatch` when decoding from an export.
 """
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, NamedTuple, Protocol, Tuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol, Tuple
 
 import torch
 from torch import Tensor
 
-from sidvid_rec.retrieval import SearchResult, VidIndex
+from sidvid_rec.config import DecoderSettings
 
 if TYPE_CHECKING:  # torchrec-free at run time: an export decodes without the training stack
     from sidvid_rec.data.batches import SequenceBatch
 
-DecoderKind = Literal["direct", "neighbor", "soft", "beam"]
-BeamFuse = Literal["prod", "sum", "softmax"]
+
+class SearchHits(Protocol):
+    """What a search returns: ``ids [B, k]`` (``MISSING_ID`` in empty slots) and ``scores [B, k]``."""
+
+    ids: Tensor
+    scores: Tensor
 
 
-class DecoderSettings(NamedTuple):
-    """Flat decoder knobs (filled from ``EvalConfig`` by the builder)."""
+class ItemSearcher(Protocol):
+    """Nearest-neighbour search over the L2-normalised VID vectors of items 1..N."""
 
-    soft_k: int = 5
-    """``soft``: top-k SIDs mixed."""
-    soft_tau: float = 0.5
-    """``soft``: weights are softmax(cosine / soft_tau)."""
-    beam_size: int = 5
-    """``beam``: SIDs kept."""
-    beam_ann: int = 50
-    """``beam``: items retrieved per SID (at least K are retrieved, so K distinct items exist)."""
-    beam_fuse: BeamFuse = "prod"
-    """``beam``: fusion of SID and VID scores."""
-    alpha: float = 0.5
-    """``beam``: SID weight (``prod``/``sum``) or SID logit multiplier (``softmax``)."""
-    beta: float = 1.0
-    """``beam`` with ``softmax``: VID logit multiplier."""
+    def search(self, queries: Tensor, k: int) -> SearchHits:
+        """Top-``k`` of ``queries [B, D]``."""
+
+    def search_excluding(self, queries: Tensor, k: int, exclude_values: Tensor, exclude_offsets: Tensor) -> SearchHits:
+        """Top-``k`` of each query with its jagged ``exclude_values`` / ``exclude_offsets [B+1]`` removed."""
 
 
 class CobraDecodingModel(Protocol):
@@ -72,8 +68,8 @@ class DecodeContext:
     model: CobraDecodingModel
     sid_table: Tensor
     """``[S, D]`` raw SID vectors of the valid SIDs (what gets appended)."""
-    index: VidIndex
-    """FAISS index over the L2-normalised VID vectors of items 1..N."""
+    index: ItemSearcher
+    """Search over the L2-normalised VID vectors of items 1..N (a FAISS index)."""
     settings: DecoderSettings
     filter_history: bool = True
 
@@ -85,7 +81,7 @@ class TopK(NamedTuple):
     """``[B, K]`` the decoder's ranking score of each item."""
 
 
-def retrieve(ctx: DecodeContext, batch: "SequenceBatch", queries: Tensor, k: int) -> SearchResult:
+def retrieve(ctx: DecodeContext, batch: "SequenceBatch", queries: Tensor, k: int) -> SearchHits:
     """ANN top-``k`` of ``queries [B, D]``, the batch's history items removed when filtering."""
     if not ctx.filter_history:
         return ctx.index.search(queries, k)
@@ -104,7 +100,7 @@ def top_sids(logits: Tensor, k: int) -> Tuple[Tensor, Tensor]:
     return top.values, top.indices
 
 
-def as_topk(hits: SearchResult) -> TopK:
+def as_topk(hits: SearchHits) -> TopK:
     return TopK(hits.ids, hits.scores)
 
 

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from sidvid_rec.decode.base import BeamFuse, DecodeContext, TopK, first_occurrence, retrieve, sid_scores, top_sids
-from sidvid_rec.retrieval import MISSING_ID
+from sidvid_rec.decode.base import DecodeContext, TopK, first_occurrence, retrieve, sid_scores, top_sids
+from sidvid_rec.types import MISSING_ID, BeamFuse
 
 if TYPE_CHECKING:  # torchrec-free at run time: an export decodes without the training stack
     from sidvid_rec.data.batches import SequenceBatch

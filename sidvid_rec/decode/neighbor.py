@@ -4,10 +4,10 @@ biased cluster centre or an unstable top-1."""
 
 from typing import TYPE_CHECKING
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from sidvid_rec.decode.base import DecodeContext, TopK, as_topk, retrieve, sid_scores
-from sidvid_rec.losses import l2_normalize
 
 if TYPE_CHECKING:  # torchrec-free at run time: an export decodes without the training stack
     from sidvid_rec.data.batches import SequenceBatch
@@ -20,7 +20,7 @@ def nearest_other_sid(sid_table: Tensor, sids: Tensor) -> Tensor:
     """
     if sid_table.shape[0] < 2:
         return sids
-    keys = l2_normalize(sid_table)  # [S, D]
+    keys = F.normalize(sid_table, dim=-1)  # [S, D]
     sims = keys[sids] @ keys.T  # [B, S]
     sims.scatter_(1, sids.unsqueeze(1), float("-inf"))
     return sims.argmax(dim=1)

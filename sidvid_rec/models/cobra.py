@@ -28,7 +28,7 @@ appended token).
 """
 
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -36,10 +36,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sidvid_rec.data.batches import SequenceBatch
-from sidvid_rec.losses import CandidatePool, InfoNCELoss, LossOutput, SampledSoftmaxLoss, l2_normalize
+from sidvid_rec.losses import CandidatePool, InfoNCELoss, LossOutput, SampledSoftmaxLoss
 from sidvid_rec.modules.embeddings import INIT_STD, ItemEmbeddings
 from sidvid_rec.modules.hstu import HSTUEncoder
-from sidvid_rec.modules.interleave import (DecodeInputs, QueryTime, TokenLayout, append_step, encode_tokens,
+from sidvid_rec.semantic_ids.codebook import sid_catalog
+from sidvid_rec.types import QueryTime
+from sidvid_rec.modules.interleave import (DecodeInputs, TokenLayout, append_step, encode_tokens,
                                            interleave_layout, next_sid_states, sid_logits, supervision, vid_queries)
 
 PLACEHOLDER_ITEM = 0
@@ -55,20 +57,6 @@ class CobraStepOutput(NamedTuple):
     """Detached ``L_sid``."""
     vid_loss: Tensor
     """Detached ``L_vid``."""
-
-
-class SidCatalog(NamedTuple):
-    sid_of_item: Tensor
-    """``[N + 1]`` int64 index of each item's SID among the valid SIDs (-1 for the padding item)."""
-    sid_items: Tensor
-    """``[S]`` one item carrying each valid SID (its SID vector is the SID's vector)."""
-
-
-def sid_catalog(codes: np.ndarray) -> SidCatalog:
-    """Valid SIDs of ``codes [N + 1, L]`` (row 0 = padding): distinct tuples in lexicographic order."""
-    _, first, inverse = np.unique(codes[1:], axis=0, return_index=True, return_inverse=True)
-    sid_of_item = np.concatenate([[-1], inverse.reshape(-1)]).astype(np.int64)
-    return SidCatalog(torch.from_numpy(sid_of_item), torch.from_numpy(first.astype(np.int64) + 1))
 
 
 class CobraRecommender(nn.Module):
@@ -157,8 +145,19 @@ class CobraRecommender(nn.Module):
         Collective under sharding: every rank must call it."""
         everything = self.embeddings.all_vectors()
         ids = torch.arange(self.num_items + 1, device=everything.id_vec.device)
-        vid = l2_normalize(self.vid_vectors(ids, everything.id_vec))
+        vid = F.normalize(self.vid_vectors(ids, everything.id_vec), dim=-1)
         return everything.sid_vec[self.sid_items], vid
+
+    @torch.no_grad()
+    def export_vectors(self) -> Dict[str, Tensor]:
+        """What an export holds: ``inputs [N+1, D]`` (VID vectors, a history item's VID token),
+        ``candidates [N+1, D]`` (L2-normalised VID vectors: what FAISS indexes),
+        ``sid_vectors [S, D]`` (one per valid SID: what a decoder appends, a history item's SID
+        token) and ``sid_of_item [N+1]`` (each item's SID index, -1 for padding)."""
+        sid_table, candidates = self.decoding_tables()
+        inputs = self.vid_vectors(torch.arange(self.num_items + 1))
+        return {"inputs": inputs.contiguous(), "candidates": candidates.contiguous(),
+                "sid_vectors": sid_table.contiguous(), "sid_of_item": self.sid_of_item.contiguous()}
 
     def sid_logits(self, states: Tensor, sid_table: Tensor) -> Tensor:
         """``states [B, D]`` x ``sid_table [S, D]`` -> cosine / temperature ``[B, S]``."""

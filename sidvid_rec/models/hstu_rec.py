@@ -9,7 +9,7 @@ Data flow of one training step (T = tokens of the jagged batch, B = sequences)::
 Inputs and candidates share the item tables (as the reference HSTU does).
 """
 
-from typing import NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
@@ -18,7 +18,6 @@ from sidvid_rec.data.batches import SequenceBatch
 from sidvid_rec.losses import SampledSoftmaxLoss
 from sidvid_rec.modules.embeddings import ItemEmbeddings
 from sidvid_rec.modules.hstu import HSTUEncoder
-from sidvid_rec.ops import jagged
 
 
 class StepOutput(NamedTuple):
@@ -47,31 +46,34 @@ class HSTURecommender(nn.Module):
     def num_items(self) -> int:
         return self.embeddings.num_items
 
-    def _encode(self, batch: SequenceBatch, x: Tensor) -> Tensor:
-        """Runs HSTU over the looked-up inputs ``x [T, D]``; returns ``[T, D]``."""
-        items, times = batch.jagged("item_id"), batch.jagged("timestamp")
-        target_times = batch.jagged("target_timestamp").values()
-        if batch.next_item_targets:  # training: position i's query time is its target's time
-            query_times = target_times
-        else:  # evaluation: the last position's query time is the held-out target's time
-            query_times = jagged.next_timestamps(times.values(), items.offsets(), last=target_times)
-        return self.encoder(x, items.offsets(), times.values(), query_timestamps=query_times)
-
     def forward(self, batch: SequenceBatch, generator: Optional[torch.Generator] = None) -> StepOutput:
         """Teacher-forced sampled-softmax loss of a training batch."""
-        item_ids = batch.jagged("item_id").values()  # [T]
+        items, times = batch.jagged("item_id"), batch.jagged("timestamp")
         target_ids = batch.jagged("target_id").values()  # [T]
-        h = self._encode(batch, self.embeddings.embed(item_ids))  # [T, D]
+        # Training: position i's query time is its target's time.
+        query_times = batch.jagged("target_timestamp").values()
+        h = self.encoder(self.embeddings.embed(items.values()), items.offsets(), times.values(),
+                         query_timestamps=query_times)  # [T, D]
         out = self.loss(h, target_ids, self.embeddings.embed, generator=generator)
         return StepOutput(out.loss, out.num_positions)
 
     def query(self, batch: SequenceBatch) -> Tensor:
         """``[B, D]``: the state after each sequence's last item (scores every candidate)."""
-        items = batch.jagged("item_id")
-        h = self._encode(batch, self.embeddings.embed(items.values()))
-        return h[items.offsets()[1:] - 1]
+        items, times = batch.jagged("item_id"), batch.jagged("timestamp")
+        return self.encoder.last_states(self.embeddings.embed(items.values()), items.offsets(), times.values(),
+                                        batch.jagged("target_timestamp").values())
+
+    @torch.no_grad()
+    def export_vectors(self) -> Dict[str, Tensor]:
+        """``{"inputs": [N+1, D], "candidates": [N+1, D]}``: what the model looks up for a
+        history item, and the L2-normalised vectors it scores (what an index holds)."""
+        inputs = self.embeddings.all_item_vectors()
+        return {"inputs": inputs.contiguous(), "candidates": self.item_vectors_from(inputs).contiguous()}
+
+    @staticmethod
+    def item_vectors_from(inputs: Tensor) -> Tensor:
+        return inputs / inputs.norm(dim=-1, keepdim=True).clamp(min=1e-6)
 
     def item_vectors(self) -> Tensor:
         """``[N + 1, D]`` L2-normalised candidate vectors (the same table as the inputs)."""
-        vectors = self.embeddings.all_item_vectors()
-        return vectors / vectors.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+        return self.item_vectors_from(self.embeddings.all_item_vectors())

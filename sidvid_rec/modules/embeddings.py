@@ -6,7 +6,7 @@ Glossary: ``N`` items with ids ``1..N`` (id 0 = padding), SIDs of ``L`` codes, w
 * **SID-prefix table** ``sid_prefix`` (prefixN): an item with SID ``(c1, ..., cL)`` is the
   SUM bag of rows ``h(c1), h(c1, c2), ..., h(c1..cL)``, so items sharing a prefix share
   that part of their vector (helps long-tail items). ``h`` is computed once, offline, by
-  :func:`sid_prefix_ids`; the resulting ``[N + 1, L]`` id table is a buffer of the module.
+  :func:`~sidvid_rec.semantic_ids.codebook.sid_prefix_ids`; the resulting ``[N + 1, L]`` id table is a buffer of the module.
 
 The sparse lookup (``self.ebc``) is a separate submodule from the dense fusion
 (``self.fusion``), so ``DistributedModelParallel`` shards the tables (fbgemm kernels,
@@ -32,14 +32,16 @@ Example::
     x = emb.embed(item_ids)                                 # item_ids [T] -> [T, 50]
 """
 
-from typing import List, Literal, NamedTuple, Optional, Union, get_args
+from typing import List, NamedTuple, Optional, Union, get_args
 
 import numpy as np
 import torch
 from torch import nn
 
 from sidvid_rec.errors import DataError
-from sidvid_rec.modules.fusion import FusionKind, SidIdFusion
+from sidvid_rec.types import Fusion, ModelMode, uses_sids
+from sidvid_rec.modules.fusion import SidIdFusion
+from sidvid_rec.semantic_ids.codebook import sid_prefix_ids
 from sidvid_rec.stack import require_fbgemm
 
 require_fbgemm()
@@ -48,14 +50,10 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType  
 from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
-EmbeddingMode = Literal["id", "sid", "sid_id", "cobra"]
-
 ITEM_FEATURE = "item_id"
 """Feature (and table) name of the item-ID lookup."""
 SID_FEATURE = "sid_prefix"
 """Feature (and table) name of the SID-prefix lookup."""
-PADDING_PREFIX_ID = 0
-"""Row of the SID-prefix table reserved for the padding item; no real prefix maps to it."""
 INIT_STD = 0.02
 """Rows start as N(0, 0.02) truncated at 2 std, like the reference HSTU's item table."""
 TABLE_DIM_MULTIPLE = 4
@@ -63,78 +61,6 @@ TABLE_DIM_MULTIPLE = 4
 width D = 50 (the reference's) is stored as 52 columns and the lookups sliced to 50."""
 LOOKUP_CHUNK = 65536
 """Items looked up per EBC call in :meth:`ItemEmbeddings.all_vectors` (bounds peak memory)."""
-
-
-# ----------------------------------------------------------------------------- prefix ids
-
-
-class SidPrefixIds(NamedTuple):
-    ids: torch.Tensor
-    """``[N + 1, L]`` int64: row i holds ``h(c1), ..., h(c1..cL)`` of item i; row 0 is all 0."""
-    table_size: int
-    """Rows the ``sid_prefix`` table needs (row 0 included)."""
-    num_prefixes: int
-    """Distinct real prefixes over all depths (before any modulo)."""
-
-
-def _prefix_ranks(codes: np.ndarray) -> np.ndarray:
-    """Rank of each item's depth-l prefix among the distinct prefixes of all depths.
-
-    ``codes [n, L]`` -> ``[n, L]`` int64. Depth 1 prefixes come first, then depth 2, ...;
-    within a depth the order is lexicographic, so the ids are deterministic for a SID table.
-    """
-    n, num_layers = codes.shape
-    ranks = np.empty((n, num_layers), dtype=np.int64)
-    parent = np.zeros(n, dtype=np.int64)  # rank of the depth-(l-1) prefix within its depth
-    offset = 0
-    for layer in range(num_layers):
-        col = codes[:, layer]
-        radix = int(col.max()) + 1
-        if (int(parent.max()) + 1) * radix >= 2**62:
-            raise DataError(f"SID codes too large to index prefixes (layer {layer + 1} max code {radix - 1})")
-        # (parent prefix, code) identifies the depth-l prefix; ``parent`` is already a rank.
-        _, inverse = np.unique(parent * radix + col, return_inverse=True)
-        inverse = inverse.reshape(-1).astype(np.int64)
-        ranks[:, layer] = offset + inverse
-        offset += int(inverse.max()) + 1
-        parent = inverse
-    return ranks
-
-
-def sid_prefix_ids(codes: Union[np.ndarray, torch.Tensor], table_size: int = 0) -> SidPrefixIds:
-    """Integer ids of every item's SID prefixes ``h(c1), h(c1,c2), ..., h(c1..cL)``.
-
-    ``h`` is the rank of a prefix among all distinct prefixes (of every depth) plus one, so
-    distinct prefixes never collide and row 0 stays reserved for the padding item. With
-    ``table_size > 0`` the ids wrap: ``h = 1 + rank mod (table_size - 1)`` (collisions now
-    possible, row 0 still reserved).
-
-    Args:
-        codes: ``[N + 1, L]`` integer SID codes; row 0 (padding item) is ignored.
-        table_size: rows of the prefix table; 0 = one row per distinct prefix (+ padding).
-
-    Returns:
-        :class:`SidPrefixIds` with ``ids [N + 1, L]`` (row 0 all ``PADDING_PREFIX_ID``).
-    """
-    array = codes.detach().cpu().numpy() if isinstance(codes, torch.Tensor) else np.asarray(codes)
-    if array.ndim != 2 or array.shape[0] < 2 or array.shape[1] < 1:
-        raise DataError(f"SID codes must be a [num_items + 1, layers] table, got shape {array.shape}")
-    if not np.issubdtype(array.dtype, np.integer):
-        raise DataError(f"SID codes must be integers, got dtype {array.dtype}")
-    real = array[1:].astype(np.int64)
-    if real.min() < 0:
-        raise DataError(f"SID codes must be non-negative, found {int(real.min())}")
-    if table_size < 0 or table_size == 1:
-        raise DataError(f"sid_table_size must be 0 (exact) or at least 2, got {table_size}")
-    ranks = _prefix_ranks(real)
-    num_prefixes = int(ranks[:, -1].max()) + 1
-    if table_size == 0:
-        real_ids, size = ranks + 1, num_prefixes + 1
-    else:
-        real_ids, size = 1 + ranks % (table_size - 1), table_size
-    ids = np.full(array.shape, PADDING_PREFIX_ID, dtype=np.int64)
-    ids[1:] = real_ids
-    return SidPrefixIds(torch.from_numpy(ids), size, num_prefixes)
 
 
 # ----------------------------------------------------------------------------- module
@@ -173,21 +99,21 @@ class ItemEmbeddings(nn.Module):
         self,
         num_items: int,
         dim: int,
-        mode: EmbeddingMode = "id",
+        mode: ModelMode = "id",
         sid_prefix_table: Optional[torch.Tensor] = None,
         sid_table_size: int = 0,
-        fusion: FusionKind = "sum",
+        fusion: Fusion = "sum",
         device: Optional[Union[str, torch.device]] = None,
     ) -> None:
         super().__init__()
-        if mode not in get_args(EmbeddingMode):
-            raise ValueError(f"unknown embedding mode {mode!r}; choose one of {', '.join(get_args(EmbeddingMode))}")
+        if mode not in get_args(ModelMode):
+            raise ValueError(f"unknown embedding mode {mode!r}; choose one of {', '.join(get_args(ModelMode))}")
         if num_items <= 0 or dim <= 0:
             raise ValueError(f"num_items and dim must be positive, got {num_items} and {dim}")
         self._num_items = num_items
         self._dim = dim
         self._table_dim = -(-dim // TABLE_DIM_MULTIPLE) * TABLE_DIM_MULTIPLE
-        self._mode: EmbeddingMode = mode
+        self._mode: ModelMode = mode
         dense_device = None if _is_meta(device) else device
         table = self._checked_prefix_table(sid_prefix_table) if self.uses_sid else torch.zeros(0, 0, dtype=torch.long)
         self._sid_table_size = 0
@@ -204,15 +130,15 @@ class ItemEmbeddings(nn.Module):
         cls,
         num_items: int,
         dim: int,
-        mode: EmbeddingMode,
+        mode: ModelMode,
         codes: Optional[Union[np.ndarray, torch.Tensor]] = None,
         sid_table_size: int = 0,
-        fusion: FusionKind = "sum",
+        fusion: Fusion = "sum",
         device: Optional[Union[str, torch.device]] = None,
     ) -> "ItemEmbeddings":
         """Builds the module from raw SID codes ``[N + 1, L]`` (hashing their prefixes here)."""
         prefix = None
-        if mode != "id":
+        if uses_sids(mode):
             if codes is None:
                 raise DataError(f"model mode {mode!r} needs semantic IDs (set sids.dir)")
             prefix = sid_prefix_ids(codes, sid_table_size)
@@ -230,12 +156,7 @@ class ItemEmbeddings(nn.Module):
         return self._dim
 
     @property
-    def table_dim(self) -> int:
-        """Stored row width: ``dim`` rounded up to a multiple of 4 (extra columns unused)."""
-        return self._table_dim
-
-    @property
-    def mode(self) -> EmbeddingMode:
+    def mode(self) -> ModelMode:
         return self._mode
 
     @property
@@ -244,7 +165,7 @@ class ItemEmbeddings(nn.Module):
 
     @property
     def uses_sid(self) -> bool:
-        return self._mode != "id"
+        return uses_sids(self._mode)
 
     @property
     def sid_table_size(self) -> int:

@@ -14,12 +14,13 @@ Example::
     item_vec = fusion(sid_vec, id_vec)  # [T, 50]
 """
 
-from typing import Literal, Optional, get_args
+from typing import Optional, get_args
 
 import torch
 from torch import nn
 
-FusionKind = Literal["sum", "fc", "mlp", "gate"]
+from sidvid_rec.types import Fusion
+
 
 
 class SidIdFusion(nn.Module):
@@ -31,11 +32,11 @@ class SidIdFusion(nn.Module):
         device: where the parameters live.
     """
 
-    def __init__(self, dim: int, kind: FusionKind = "sum", device: Optional[torch.device] = None) -> None:
+    def __init__(self, dim: int, kind: Fusion = "sum", device: Optional[torch.device] = None) -> None:
         super().__init__()
-        if kind not in get_args(FusionKind):
-            raise ValueError(f"unknown fusion {kind!r}; choose one of {', '.join(get_args(FusionKind))}")
-        self._kind: FusionKind = kind
+        if kind not in get_args(Fusion):
+            raise ValueError(f"unknown fusion {kind!r}; choose one of {', '.join(get_args(Fusion))}")
+        self._kind: Fusion = kind
         self._proj: Optional[nn.Module] = None
         if kind in ("fc", "gate"):
             self._proj = nn.Linear(2 * dim, dim, device=device)
@@ -45,7 +46,7 @@ class SidIdFusion(nn.Module):
             )
 
     @property
-    def kind(self) -> FusionKind:
+    def kind(self) -> Fusion:
         return self._kind
 
     def forward(self, sid_vec: torch.Tensor, id_vec: torch.Tensor) -> torch.Tensor:

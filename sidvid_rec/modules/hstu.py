@@ -30,7 +30,8 @@ the same parameters (same ``state_dict`` keys).
 """
 
 import math
-from typing import Literal, Optional
+from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +39,7 @@ from torch import Tensor, nn
 
 from sidvid_rec.errors import ConfigError, DataError
 from sidvid_rec.ops import hstu_attention, jagged
-
-AttentionScale = Literal["length", "max_len"]
+from sidvid_rec.types import AttentionScale
 
 LAYER_NORM_EPS: float = 1e-6
 L2_NORM_EPS: float = 1e-6
@@ -112,6 +112,28 @@ class HSTULayer(nn.Module):
         return x + self.o(fast_dropout(gated, self._dropout, self.training))
 
 
+@dataclass
+class HSTUParams:
+    """The hyperparameters of an :class:`HSTUEncoder` (its constructor's arguments), in one place:
+    built from the config by ``models/build.py``, recorded in an export's manifest (dropouts
+    left out: an export only infers) and read back by the serving side."""
+
+    max_len: int
+    dim: int
+    num_blocks: int
+    num_heads: int
+    dqk: int
+    dv: int
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    num_time_buckets: int = 128
+    attention_scale: AttentionScale = "length"
+
+    def inference_dict(self) -> dict:
+        """Every field but the dropouts (what an export records)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("dropout", "attn_dropout")}
+
+
 class HSTUEncoder(nn.Module):
     """Stack of :class:`HSTULayer` over jagged sequences; one L2-normalised output per input.
 
@@ -152,6 +174,8 @@ class HSTUEncoder(nn.Module):
         super().__init__()
         if attention_scale not in ("length", "max_len"):
             raise ConfigError(f"attention_scale must be 'length' or 'max_len', got {attention_scale!r}")
+        self.params = HSTUParams(max_len, dim, num_blocks, num_heads, dqk, dv, dropout, attn_dropout,
+                                 num_time_buckets, attention_scale)
         self.max_len = max_len
         self.dim = dim
         self.num_time_buckets = num_time_buckets
@@ -168,6 +192,18 @@ class HSTUEncoder(nn.Module):
             HSTULayer(max_len, dim, num_heads, dqk, dv, dropout, attn_dropout, num_time_buckets)
             for _ in range(num_blocks)
         )
+
+    @classmethod
+    def from_params(cls, p: HSTUParams) -> "HSTUEncoder":
+        return cls(p.max_len, p.dim, p.num_blocks, p.num_heads, p.dqk, p.dv, p.dropout, p.attn_dropout,
+                   p.num_time_buckets, p.attention_scale)
+
+    def last_states(self, x: Tensor, offsets: Tensor, timestamps: Tensor, target_timestamps: Tensor) -> Tensor:
+        """``[B, D]`` state after each sequence's last item, every row querying with the next
+        item's time and the last one with the target's ``target_timestamps [B]`` (the
+        reference's evaluation): what scores the candidates of the next item."""
+        query = jagged.next_timestamps(timestamps, offsets, last=target_timestamps)
+        return self(x, offsets, timestamps, query_timestamps=query)[offsets[1:] - 1]
 
     def forward(
         self,

@@ -27,19 +27,19 @@ Example::
 """
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Tuple
+from typing import NamedTuple, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sidvid_rec.losses import l2_normalize
 from sidvid_rec.ops import jagged
+from sidvid_rec.types import QueryTime
 
 SID_TYPE = 0
 """Token type of a SID token."""
 VID_TYPE = 1
 """Token type of a VID token."""
-QueryTime = Literal["target", "own"]
 
 
 @dataclass
@@ -57,10 +57,6 @@ class TokenLayout:
     timestamps: Tensor
     query_timestamps: Tensor
     step_offsets: Tensor
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.source.numel())
 
     @property
     def sid_mask(self) -> Tensor:
@@ -185,7 +181,7 @@ def append_step(values: Tensor, offsets: Tensor, extra: Tensor) -> Tuple[Tensor,
 
 
 # ----------------------------------------------------------------------------- decoding
-# Shared by the trained model (models/cobra.py) and an export (retrieval/cobra_export.py), so
+# Shared by the trained model (models/cobra.py) and an export (export/cobra.py), so
 # both run the very same token pipeline.
 
 
@@ -225,4 +221,4 @@ def vid_queries(encoder: nn.Module, type_emb: Tensor, inputs: DecodeInputs, next
 
 def sid_logits(states: Tensor, sid_table: Tensor, temperature: float) -> Tensor:
     """``states [B, D]`` x ``sid_table [S, D]`` -> cosine / temperature ``[B, S]``."""
-    return l2_normalize(states) @ l2_normalize(sid_table).T / temperature
+    return F.normalize(states, dim=-1) @ F.normalize(sid_table, dim=-1).T / temperature

@@ -27,19 +27,17 @@ import math
 import os
 import shutil
 import tempfile
-from typing import Literal, NamedTuple, Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import faiss
 import numpy as np
 import torch
 from torch import Tensor
 
-from sidvid_rec import io
+from sidvid_rec import storage
+from sidvid_rec.config import RetrievalConfig
 from sidvid_rec.errors import ArtifactError, ConfigError
-
-IndexKind = Literal["flat", "hnsw", "ivf"]
-MISSING_ID = -1
-"""Id FAISS returns when it has fewer than k results (also used for padding here)."""
+from sidvid_rec.types import MISSING_ID, IndexKind  # MISSING_ID: what FAISS returns when it has fewer than k results
 
 
 class SearchResult(NamedTuple):
@@ -109,6 +107,13 @@ class VidIndex:
         index.add_with_ids(x, id_array)
         return cls(index, kind, ef_search, nprobe, use_gpu)
 
+    @classmethod
+    def from_config(cls, vectors: Union[Tensor, np.ndarray], ids: Union[Tensor, np.ndarray], r: RetrievalConfig,
+                    use_gpu: Optional[bool] = None) -> "VidIndex":
+        """:meth:`build` with the ``retrieval`` section's settings (``use_gpu`` overrides ``r.use_gpu``)."""
+        return cls.build(vectors, ids, kind=r.index, hnsw_m=r.hnsw_m, ef_search=r.ef_search, ivf_nlist=r.ivf_nlist,
+                         nprobe=r.nprobe, use_gpu=r.use_gpu if use_gpu is None else use_gpu)
+
     def set_search_params(self, ef_search: Optional[int] = None, nprobe: Optional[int] = None) -> None:
         """Changes the query-time knobs of a built index: HNSW ``ef_search``, IVF ``nprobe``
         (``None`` keeps a knob; a knob of the other kind is ignored). A GPU copy is made
@@ -168,22 +173,22 @@ class VidIndex:
 
     def save(self, path: str) -> str:
         """Writes the (CPU) index to ``path`` through iopath, atomically. Returns the path."""
-        path = io.expand(path)
+        path = storage.expand(path)
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, "index.faiss")
             faiss.write_index(self._cpu_index, local)
-            with open(local, "rb") as src, io.atomic_open(path, "wb") as dst:
+            with open(local, "rb") as src, storage.atomic_open(path, "wb") as dst:
                 shutil.copyfileobj(src, dst)
         return path
 
     @classmethod
     def load(cls, path: str, ef_search: int = 256, nprobe: int = 16, use_gpu: bool = False) -> "VidIndex":
         """Reads an index written by :meth:`save`."""
-        path = io.expand(path)
-        if not io.exists(path):
+        path = storage.expand(path)
+        if not storage.exists(path):
             raise ArtifactError(f"FAISS index not found: {path}")
         try:
-            index = faiss.read_index(io.path_manager.get_local_path(path))
+            index = faiss.read_index(storage.path_manager.get_local_path(path))
         except RuntimeError as e:
             raise ArtifactError(f"cannot read FAISS index {path}: {str(e).splitlines()[0][:160]}")
         base = faiss.downcast_index(index.index) if hasattr(index, "index") else index

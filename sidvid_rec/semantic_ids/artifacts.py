@@ -20,13 +20,14 @@ Files of ``DIR``:
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional
 
 import numpy as np
 import safetensors.numpy
 
-from sidvid_rec import io
+from sidvid_rec import storage
 from sidvid_rec.errors import ArtifactError
+from sidvid_rec.semantic_ids.codebook import distinct_tuples
 from sidvid_rec.semantic_ids.kmeans import SizeBounds
 from sidvid_rec.semantic_ids.plot import write_code_usage_png
 from sidvid_rec.text.store import check_replaceable
@@ -79,34 +80,14 @@ class SidArtifacts:
         """Whether the build asked for the extra disambiguation code."""
         return bool(self.manifest["params"]["dedup"])
 
-    @property
-    def dedup_size(self) -> int:
-        """Codes the disambiguation position needs (largest group of items sharing a tuple)."""
-        return int(self.dedup.max()) + 1
-
-    def full_codes(self) -> np.ndarray:
-        """``[N+1, L+1]`` (codes + dedup) when the build used dedup, else ``[N+1, L]``."""
-        return np.concatenate([self.codes, self.dedup[:, None]], axis=1) if self.use_dedup else self.codes
-
-    def items_of(self, sid: Sequence[int]) -> np.ndarray:
-        """Items whose L-tuple equals ``sid`` (empty when no item has it)."""
-        match = np.flatnonzero((self.index_sids == np.asarray(sid, dtype=np.int64)).all(axis=1))
-        if match.size == 0:
-            return np.zeros(0, dtype=np.int64)
-        s = int(match[0])
-        return self.index_items[self.index_offsets[s]:self.index_offsets[s + 1]]
-
 
 def sid_index(codes: np.ndarray, dedup: np.ndarray) -> Dict[str, np.ndarray]:
     """CSR map from each distinct tuple of ``codes [N, L]`` to its items (ids 1..N)."""
-    n, layers = codes.shape
-    order = np.lexsort((dedup,) + tuple(codes[:, j] for j in reversed(range(layers))))
-    sorted_codes = codes[order]
-    is_new = np.ones(n, dtype=bool)
-    is_new[1:] = (sorted_codes[1:] != sorted_codes[:-1]).any(axis=1)
-    starts = np.flatnonzero(is_new)
-    return {"sids": sorted_codes[starts].astype(np.int64),
-            "offsets": np.append(starts, n).astype(np.int64),
+    sids, _, inverse = distinct_tuples(codes)
+    order = np.lexsort((dedup, inverse))  # by SID, then disambiguation code (then item id)
+    sizes = np.bincount(inverse, minlength=sids.shape[0])
+    return {"sids": sids.astype(np.int64),
+            "offsets": np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
             "items": (order + 1).astype(np.int64)}
 
 
@@ -128,7 +109,7 @@ def save_sid_artifacts(out: str, codebooks: np.ndarray, codes: np.ndarray, dedup
         report: :func:`~sidvid_rec.semantic_ids.report.sid_report` output.
         bounds: balanced size bounds, drawn on the usage plot.
     """
-    out = io.expand(out)
+    out = storage.expand(out)
     check_replaceable(out, FORMAT)
     pad = np.full((1, codes.shape[1]), PAD_CODE, dtype=np.int64)
     blobs = {
@@ -141,11 +122,11 @@ def save_sid_artifacts(out: str, codebooks: np.ndarray, codes: np.ndarray, dedup
                 layers=int(codebooks.shape[0]), codebook_size=int(codebooks.shape[1]), dim=int(codebooks.shape[2]),
                 dedup_size=int(dedup.max()) + 1 if dedup.size else 0, pad_code=PAD_CODE,
                 files={name: hashlib.sha256(blob).hexdigest() for name, blob in blobs.items()})
-    with io.atomic_dir(out) as tmp:
+    with storage.atomic_dir(out) as tmp:
         for name, blob in blobs.items():
-            with io.open_file(os.path.join(tmp, name), "wb") as f:
+            with storage.open_file(os.path.join(tmp, name), "wb") as f:
                 f.write(blob)
-        io.write_json(os.path.join(tmp, MANIFEST_FILE), full)
+        storage.write_json(os.path.join(tmp, MANIFEST_FILE), full)
         write_report_files(tmp, report, codes, int(codebooks.shape[1]), bounds)
     return out
 
@@ -153,8 +134,8 @@ def save_sid_artifacts(out: str, codebooks: np.ndarray, codes: np.ndarray, dedup
 def write_report_files(directory: str, report: Dict[str, Any], codes: np.ndarray, codebook_size: int,
                        bounds: Optional[SizeBounds] = None) -> None:
     """``report.json``, ``report.md`` and ``code_usage.png`` of ``codes [N, L]`` into ``directory``."""
-    io.write_json(os.path.join(directory, REPORT_JSON), report)
-    with io.atomic_open(os.path.join(directory, REPORT_MD), "w") as f:
+    storage.write_json(os.path.join(directory, REPORT_JSON), report)
+    with storage.atomic_open(os.path.join(directory, REPORT_MD), "w") as f:
         f.write(render_markdown(report, title=f"Semantic-ID quality: {os.path.basename(directory)}"))
     write_code_usage_png(os.path.join(directory, REPORT_PNG), codes, codebook_size, bounds)
 
@@ -164,9 +145,9 @@ def write_report_files(directory: str, report: Dict[str, Any], codes: np.ndarray
 
 def _read_checked(directory: str, name: str, manifest: Dict[str, Any]) -> Dict[str, np.ndarray]:
     path = os.path.join(directory, name)
-    if not io.exists(path):
+    if not storage.exists(path):
         raise ArtifactError(f"semantic-ID artifact incomplete: missing {path}")
-    with io.open_file(path, "rb") as f:
+    with storage.open_file(path, "rb") as f:
         blob = f.read()
     expected = manifest.get("files", {}).get(name)
     if hashlib.sha256(blob).hexdigest() != expected:
@@ -202,11 +183,11 @@ def _validate(art: SidArtifacts, directory: str) -> None:
 
 def load_sid_artifacts(directory: str) -> SidArtifacts:
     """Loads and validates a ``sids build`` directory; any problem is one ArtifactError line."""
-    directory = io.expand(directory)
+    directory = storage.expand(directory)
     manifest_path = os.path.join(directory, MANIFEST_FILE)
-    if not io.exists(manifest_path):
+    if not storage.exists(manifest_path):
         raise ArtifactError(f"not a semantic-ID artifact directory (no {MANIFEST_FILE}): {directory}")
-    manifest = io.read_json(manifest_path)
+    manifest = storage.read_json(manifest_path)
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{manifest_path} is not a semantic-ID manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -228,4 +209,4 @@ def load_sid_artifacts(directory: str) -> SidArtifacts:
 
 def load_report(directory: str) -> Dict[str, Any]:
     """The stored ``report.json`` of an artifact directory."""
-    return io.read_json(os.path.join(io.expand(directory), REPORT_JSON))
+    return storage.read_json(os.path.join(storage.expand(directory), REPORT_JSON))

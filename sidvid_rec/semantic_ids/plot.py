@@ -5,15 +5,15 @@ from typing import Optional
 
 import numpy as np
 
-from sidvid_rec import io
+from sidvid_rec import storage
 from sidvid_rec.semantic_ids.kmeans import SizeBounds
 from sidvid_rec.semantic_ids.report import code_usage
 
 
 def code_usage_png(codes: np.ndarray, codebook_size: int, bounds: Optional[SizeBounds] = None) -> bytes:
     """PNG bytes: one panel per layer of ``codes [N, L]``; dashed lines at the size bounds."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib loads only when a report is drawn
+    from matplotlib.figure import Figure  # lazy: matplotlib loads only when a report is drawn
 
     usage = code_usage(codes, codebook_size)
     fig = Figure(figsize=(4.0 * len(usage), 3.2), dpi=100)
@@ -39,5 +39,5 @@ def write_code_usage_png(path: str, codes: np.ndarray, codebook_size: int,
                          bounds: Optional[SizeBounds] = None) -> None:
     """Writes :func:`code_usage_png` to ``path`` atomically."""
     blob = code_usage_png(codes, codebook_size, bounds)
-    with io.atomic_open(path, "wb") as f:
+    with storage.atomic_open(path, "wb") as f:
         f.write(blob)

@@ -21,14 +21,14 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from sidvid_rec.errors import UserError
+from sidvid_rec.semantic_ids.codebook import distinct_tuples
 
 _CHUNK = 1 << 15  # rows per block of the reconstruction error (bounds temporaries)
 
 
 def prefix_groups(codes: np.ndarray, depth: int) -> np.ndarray:
     """Group id ``[N]`` of each item's prefix ``codes[:, :depth]`` (equal prefix = equal id)."""
-    _, inverse = np.unique(codes[:, :depth], axis=0, return_inverse=True)
-    return inverse.reshape(-1)
+    return distinct_tuples(codes[:, :depth])[2]
 
 
 def collision_rate(codes: np.ndarray, depth: int) -> float:

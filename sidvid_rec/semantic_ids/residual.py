@@ -17,25 +17,12 @@ from typing import List
 import numpy as np
 from tqdm import tqdm
 
-from sidvid_rec.config import Balance
+from sidvid_rec.config import RqParams
 from sidvid_rec.errors import UserError
+from sidvid_rec.semantic_ids.codebook import distinct_tuples
 from sidvid_rec.semantic_ids.kmeans import balanced_kmeans, group_rank, nearest, plain_kmeans
 
 _CHUNK = 1 << 16  # rows per block of the residual update (bounds temporaries)
-
-
-@dataclass(frozen=True)
-class RqParams:
-    """Flat parameters of :func:`residual_kmeans` (built from ``SidsConfig`` by the caller)."""
-
-    layers: int = 3
-    codebook_size: int = 256
-    balance: Balance = "balanced"
-    tol: float = 0.1
-    kmeans_iters: int = 25
-    balance_iters: int = 50
-    max_points_per_code: int = 256
-    seed: int = 0
 
 
 @dataclass
@@ -108,8 +95,7 @@ def dedup_codes(codes: np.ndarray) -> np.ndarray:
     """TIGER disambiguation code ``[N]``: items sharing the full tuple get 0, 1, 2, ... by item order."""
     if codes.shape[0] == 0:
         return np.zeros(0, dtype=np.int64)
-    _, group = np.unique(codes, axis=0, return_inverse=True)
-    return group_rank(group.reshape(-1), np.arange(codes.shape[0]))
+    return group_rank(distinct_tuples(codes)[2], np.arange(codes.shape[0]))
 
 
 def quantize(x: np.ndarray, codebooks: np.ndarray) -> np.ndarray:

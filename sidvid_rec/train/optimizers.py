@@ -33,14 +33,17 @@ Example::
     dense = dense_optimizer(dmp, lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0)
 """
 
+import re
 import warnings
-from typing import Any, Dict, Iterator, List, Literal, NamedTuple, Tuple, Type, Union, get_args
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple, Type, Union, get_args
 
 import torch
 from torch import nn
 
+from sidvid_rec.config import TrainConfig
 from sidvid_rec.errors import ConfigError
 from sidvid_rec.stack import require_fbgemm
+from sidvid_rec.types import EmbeddingOptimizer
 
 require_fbgemm()
 
@@ -48,7 +51,6 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E
 from torchrec.optim import apply_optimizer_in_backward  # noqa: E402
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad  # noqa: E402
 
-EmbeddingOptimizerName = Literal["auto", "rowwise_adagrad", "adagrad", "sgd", "adam"]
 CPU_EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
 """Table optimizers fbgemm's CPU kernels support."""
 EMBEDDING_EPS = 1e-8
@@ -71,11 +73,11 @@ class EmbeddingOptimizerSpec(NamedTuple):
     """Constructor kwargs; only keys both torch and fbgemm accept (``lr``, ``eps``)."""
 
 
-def resolve_embedding_optimizer(name: EmbeddingOptimizerName, device: Union[str, torch.device]) -> str:
+def resolve_embedding_optimizer(name: EmbeddingOptimizer, device: Union[str, torch.device]) -> str:
     """``auto`` -> ``rowwise_adagrad`` on CPU, ``adam`` on CUDA; ``adam`` on CPU -> ConfigError."""
-    if name not in get_args(EmbeddingOptimizerName):
+    if name not in get_args(EmbeddingOptimizer):
         raise ConfigError(
-            f"train.embedding_optimizer: {name!r} is not one of {', '.join(get_args(EmbeddingOptimizerName))}"
+            f"train.embedding_optimizer: {name!r} is not one of {', '.join(get_args(EmbeddingOptimizer))}"
         )
     on_cuda = torch.device(device).type == "cuda"
     if name == "auto":
@@ -89,7 +91,7 @@ def resolve_embedding_optimizer(name: EmbeddingOptimizerName, device: Union[str,
 
 
 def embedding_optimizer_kwargs(
-    name: EmbeddingOptimizerName, lr: float, device: Union[str, torch.device]
+    name: EmbeddingOptimizer, lr: float, device: Union[str, torch.device]
 ) -> EmbeddingOptimizerSpec:
     """Optimizer class and kwargs for ``apply_optimizer_in_backward`` on the tables.
 
@@ -113,7 +115,7 @@ def table_modules(model: nn.Module) -> List[nn.Module]:
 
 
 def apply_embedding_optimizer(
-    model: nn.Module, name: EmbeddingOptimizerName, lr: float, device: Union[str, torch.device]
+    model: nn.Module, name: EmbeddingOptimizer, lr: float, device: Union[str, torch.device]
 ) -> EmbeddingOptimizerSpec:
     """Attaches the in-backward table optimizer to every EBC of ``model`` (call before DMP).
 
@@ -159,3 +161,71 @@ def dense_optimizer(
     if not params:
         raise ValueError("dense_optimizer: the model has no dense parameters")
     return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
+_WRAPPER_PREFIX = re.compile(r"^(?:_dmp_wrapped_module\.|module\.)+")
+
+
+def state_key(name: str) -> str:
+    """A parameter name without DMP/DDP wrapper prefixes (the same on any world size)."""
+    return _WRAPPER_PREFIX.sub("", name)
+
+
+class TrainingOptimizers:
+    """AdamW over the dense parameters plus the fused table optimizer that DMP built.
+
+    Args:
+        dense: the dense optimizer.
+        fused: ``dmp.fused_optimizer`` (state as ``ShardedTensor`` s).
+        dense_names: names of ``dense``'s parameters, in its order (checkpoint keys).
+    """
+
+    def __init__(self, dense: torch.optim.Optimizer, fused: Any, dense_names: Optional[List[str]] = None) -> None:
+        self.dense = dense
+        self.fused = fused
+        params = dense.param_groups[0]["params"]
+        self._names = [state_key(n) for n in dense_names] if dense_names else [str(i) for i in range(len(params))]
+
+    def zero_grad(self) -> None:
+        self.dense.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        # Table rows were already updated inside backward by the fused kernel.
+        self.dense.step()
+
+    # -- torch.distributed.checkpoint: tensors keyed by name, sharded state left sharded
+
+    def _dense_params(self) -> List[torch.Tensor]:
+        return [p for group in self.dense.param_groups for p in group["params"]]
+
+    def checkpoint_state(self) -> Dict[str, Any]:
+        """``{"dense": {param name: {step, exp_avg, exp_avg_sq}}, "fused": sharded state}``.
+
+        Every parameter has an entry (zeros before the first step), so the dict has the same
+        keys whatever the step, and loading works in place.
+        """
+        dense: Dict[str, Dict[str, torch.Tensor]] = {}
+        for name, param in zip(self._names, self._dense_params()):
+            entry = self.dense.state.get(param, {})
+            dense[name] = {
+                "step": torch.as_tensor(entry.get("step", 0.0), dtype=torch.float32).clone().reshape(()),
+                "exp_avg": entry["exp_avg"] if "exp_avg" in entry else torch.zeros_like(param),
+                "exp_avg_sq": entry["exp_avg_sq"] if "exp_avg_sq" in entry else torch.zeros_like(param),
+            }
+        return {"dense": dense, "fused": self.fused.state_dict()}
+
+    def load_checkpoint_state(self, state: Dict[str, Any]) -> None:
+        """Inverse of :meth:`checkpoint_state` (after ``torch.distributed.checkpoint.load`` filled it)."""
+        for name, param in zip(self._names, self._dense_params()):
+            entry = state["dense"][name]
+            if float(entry["step"]) > 0:
+                self.dense.state[param] = {"step": entry["step"].clone(), "exp_avg": entry["exp_avg"].clone(),
+                                           "exp_avg_sq": entry["exp_avg_sq"].clone()}
+        self.fused.load_state_dict(state["fused"])
+
+
+def build_optimizers(model: nn.Module, cfg: TrainConfig) -> TrainingOptimizers:
+    """AdamW over the dense parameters of a DMP model plus the fused table optimizer DMP built."""
+    names = [name for name, _ in dense_parameters(model)]
+    dense = dense_optimizer(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return TrainingOptimizers(dense, model.fused_optimizer, names)

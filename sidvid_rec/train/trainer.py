@@ -17,7 +17,7 @@ selection is done: the last epoch is the "best" one and test metrics are logged 
 for the learning curve only.
 
 Distributed: launched by ``torchrun``/TorchX, every rank runs this same recipe; each reads
-its slice of every global batch, the tables are sharded (train/sharding.py), metrics are
+its slice of every global batch, the tables are sharded (train/distributed.py), metrics are
 reduced over ranks, and each rank's loss is scaled to its share of the global-batch mean, so
 that the averaged gradients equal one process's (with ``model.dropout=0`` and
 ``loss.shared_negatives=true`` N ranks then train the very same model as one process). With ``train.resume=true`` training continues from the
@@ -26,23 +26,39 @@ epoch), on the same or another number of ranks; without it a run directory's old
 checkpoints are removed first, so a later resume can never pick up a stale run.
 """
 
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 from tqdm import tqdm
 
-from sidvid_rec import io
-from sidvid_rec.config import Config, config_from_dict, dump_config
-from sidvid_rec.data import load_sequences, make_split
+from sidvid_rec import storage
+from sidvid_rec.config import Config, dump_config
+from sidvid_rec.data import SequenceData, load_sequences, make_split
 from sidvid_rec.data.batches import BatchIterator
-from sidvid_rec.errors import ArtifactError, ConfigError
-from sidvid_rec.models.builder import build_model, evaluate_model
+from sidvid_rec.errors import ConfigError
+from sidvid_rec.eval.evaluate import evaluate_model
+from sidvid_rec.process_group import DistContext, all_reduce_sum, barrier, init_distributed
 from sidvid_rec.train import checkpoint as ckpt
-from sidvid_rec.train.distributed import DistContext, all_reduce_sum, barrier, init_distributed
-from sidvid_rec.train.sharding import TrainingOptimizers, build_optimizers
+from sidvid_rec.train.distributed import build_sharded_model
+from sidvid_rec.train.optimizers import build_optimizers
+
+
+class _TqdmHandler(logging.Handler):
+    """Writes records with ``tqdm.write`` (stdout, as before), so they never break a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record))
+
+
+log = logging.getLogger(__name__)
+if not log.handlers:
+    log.addHandler(_TqdmHandler())
+    log.setLevel(logging.INFO)
+    log.propagate = False  # the CLI silences other loggers; the trainer's lines are its progress report
 
 SELECT_METRIC = "ndcg@10"
 
@@ -67,8 +83,8 @@ def prepare_run_dir(cfg: Config, run_dir: str, ctx: DistContext) -> None:
     """Writes ``config.yaml``; on resume, refuses a run directory trained with another model."""
     path = os.path.join(run_dir, "config.yaml")
     if ctx.is_main:
-        io.mkdirs(run_dir)
-        with io.atomic_open(path, "w") as f:
+        storage.mkdirs(run_dir)
+        with storage.atomic_open(path, "w") as f:
             f.write(dump_config(cfg))
     barrier(ctx)
 
@@ -109,98 +125,151 @@ class Position:
     """Batches behind ``loss_sum``, summed over ranks."""
 
 
+class Trainer:
+    """The state one training run shares across its epochs: model, optimizers, batches, the
+    negative-sampling generator, where training stands, and where it writes.
+
+    Built by :func:`run_training`; :meth:`fit` is the epoch loop.
+    """
+
+    def __init__(self, cfg: Config, run_dir: str, ctx: DistContext, data: SequenceData) -> None:
+        self.cfg, self.run_dir, self.ctx = cfg, run_dir, ctx
+        self.select = selection_split(cfg.data.protocol)
+        self.select_split = make_split(data, self.select, cfg.data.protocol, cfg.data.max_len)
+        self.model = build_sharded_model(cfg, data, ctx)
+        self.optimizers = build_optimizers(self.model, cfg.train)
+        self.fingerprint = ckpt.model_fingerprint(cfg, data.num_items)
+        self.generator = torch.Generator(device="cpu")
+        _seed_streams(cfg, ctx.rank, 0, self.generator)
+        self.state, self.position = TrainState(), Position()
+        train_split = make_split(data, "train", cfg.data.protocol, cfg.data.max_len)
+        self.batches = BatchIterator(train_split, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
+                                     rank=ctx.rank, world_size=ctx.world_size)
+        self.writer = None
+
+    def start(self) -> None:
+        """Resumes from the furthest checkpoint (``train.resume``) or clears old ones; writes ``config.yaml``."""
+        latest = ckpt.latest_checkpoint(self.run_dir) if self.cfg.train.resume else None
+        if latest is not None:
+            self._restore(latest)
+        elif self.ctx.is_main:
+            removed = ckpt.clear_checkpoints(self.run_dir)
+            if removed:
+                log.info(f"fresh run (train.resume=false): removed {removed} old checkpoint(s) of {self.run_dir}")
+        prepare_run_dir(self.cfg, self.run_dir, self.ctx)
+        self.writer = _tensorboard(self.run_dir) if self.ctx.is_main else None
+
+    def fit(self) -> None:
+        """Epochs from where the state stands until the last, early stopping or ``train.max_steps``."""
+        cfg, state = self.cfg, self.state
+        for epoch in range(state.epoch, cfg.train.epochs):
+            loss = self._train_epoch(epoch)
+            self.position = Position()
+            state.epoch = epoch + 1
+            record: Dict[str, float] = {"epoch": state.epoch, "loss": loss, "step": state.step}
+            stop = False
+            if state.epoch % cfg.train.eval_every == 0 or state.epoch == cfg.train.epochs:
+                metrics = evaluate_model(self.model, self.select_split, cfg, self.ctx)
+                record.update({f"{self.select}/{k}": v for k, v in metrics.items()})
+                stop = _update_selection(state, metrics[SELECT_METRIC], cfg)
+                if self.writer is not None:
+                    for k, v in metrics.items():
+                        self.writer.add_scalar(f"{self.select}/{k}", v, state.epoch)
+            state.history.append(record)
+            self._save(f"epoch-{state.epoch}", self.position, is_best=state.best_epoch == state.epoch)
+            if self.ctx.is_main:
+                storage.write_json(os.path.join(self.run_dir, "history.json"), state.history)
+                log.info(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            if stop or (cfg.train.max_steps and state.step >= cfg.train.max_steps):
+                break
+        if self.writer is not None:
+            self.writer.close()
+
+    def _train_epoch(self, epoch: int) -> float:
+        """Trains one epoch from batch ``position.batch``; returns the epoch's mean loss over ranks."""
+        cfg, ctx, state, position = self.cfg, self.ctx, self.state, self.position
+        self.model.train()
+        self.batches.set_epoch(epoch, start_batch=position.batch)
+        # Rank 0 carries the (already reduced) totals of the batches trained before a resume.
+        total = torch.tensor([position.loss_sum, position.loss_count] if ctx.is_main else [0.0, 0.0],
+                             dtype=torch.float64)
+        every = cfg.train.checkpoint_every
+        progress = tqdm(self.batches, total=len(self.batches), initial=position.batch, desc=f"epoch {epoch + 1}",
+                        disable=not ctx.is_main, leave=False, dynamic_ncols=True)
+        for index, batch in enumerate(progress, start=position.batch):
+            batch = batch.to(ctx.device)
+            out = self.model(batch, generator=self.generator)
+            scale = _global_mean_scale(out.num_positions, ctx)
+            self.optimizers.zero_grad()
+            (out.loss * scale).backward()
+            self.optimizers.step()
+            state.step += 1
+            # Summed over ranks, loss * scale is W times the global-batch mean (and 1 is W).
+            total += torch.tensor([float(out.loss.detach()) * scale, 1.0], dtype=torch.float64)
+            if ctx.is_main and state.step % 10 == 0:
+                progress.set_postfix(loss=f"{float(out.loss.detach()):.4f}")
+                if self.writer is not None:
+                    self.writer.add_scalar("train/loss", float(out.loss.detach()), state.step)
+            if cfg.train.max_steps and state.step >= cfg.train.max_steps:
+                break
+            if every and state.step % every == 0 and index + 1 < len(self.batches):
+                reduced = all_reduce_sum(total.clone(), ctx)
+                self._save(f"step-{state.step}", Position(index + 1, float(reduced[0]), float(reduced[1])))
+        total = all_reduce_sum(total, ctx)
+        return float(total[0] / max(total[1], 1.0))
+
+    def _checkpoint_state(self, with_rng: bool = True) -> Dict[str, object]:
+        """What a checkpoint holds: model (sharded tables + dense), both optimizers, this rank's RNG."""
+        state: Dict[str, object] = {"model": self.model.state_dict(), "optim": self.optimizers.checkpoint_state()}
+        if with_rng:
+            state["rng"] = {f"rank{self.ctx.rank}": {"torch": torch.get_rng_state(),
+                                                     "generator": self.generator.get_state()}}
+        return state
+
+    def _save(self, name: str, position: Position, is_best: bool = False) -> None:
+        record = ckpt.CheckpointRecord(
+            name=name, fingerprint=self.fingerprint, epoch=self.state.epoch, batch=position.batch,
+            step=self.state.step, world_size=self.ctx.world_size, sharding=self.cfg.train.sharding,
+            train_state=asdict(self.state), extra={"loss_sum": position.loss_sum, "loss_count": position.loss_count},
+        )
+        ckpt.save_checkpoint(self.run_dir, self._checkpoint_state(), record, self.ctx, is_best=is_best)
+
+    def _restore(self, path: str) -> None:
+        """Loads a checkpoint into the live model/optimizers (any world size) and continues from it."""
+        ctx = self.ctx
+        record = ckpt.read_record(path, self.fingerprint)
+        same_ranks = record.world_size == ctx.world_size
+        state = self._checkpoint_state(with_rng=same_ranks)
+        ckpt.load_checkpoint(path, state, self.fingerprint)
+        self.model.load_state_dict(state["model"])
+        self.optimizers.load_checkpoint_state(state["optim"])
+        if same_ranks:
+            rng = state["rng"][f"rank{ctx.rank}"]
+            torch.set_rng_state(rng["torch"])
+            self.generator.set_state(rng["generator"])
+        else:  # RNG streams are per rank: a new world size gets fresh streams, seeded by the step
+            _seed_streams(self.cfg, ctx.rank, record.step, self.generator)
+        if ctx.is_main:
+            note = "" if same_ranks else f"; {record.world_size} -> {ctx.world_size} ranks, random streams re-seeded"
+            log.info(f"resumed from {path} (epoch {record.epoch}, batch {record.batch}, step {record.step}{note})")
+        self.position = Position(record.batch, float(record.extra.get("loss_sum", 0.0)),
+                                 float(record.extra.get("loss_count", 0.0)))
+        self.state = TrainState(**record.train_state)
+
+
 def run_training(cfg: Config, run_dir: str, ctx: Optional[DistContext] = None) -> Dict[str, Dict[str, float]]:
     """Trains ``cfg`` into ``run_dir`` and returns the best checkpoint's metrics."""
     ctx = ctx or init_distributed(cfg.train.device)
     if cfg.train.checkpoint_every < 0:
         raise ConfigError(f"train.checkpoint_every must be >= 0, got {cfg.train.checkpoint_every}")
     # Dense parameters start identical on every rank (DDP also broadcasts them); tables are
-    # drawn from seeded generators independent of the world size (sharding.init_tables).
+    # drawn from seeded generators independent of the world size (distributed.init_tables).
     torch.manual_seed(cfg.train.seed)
     data = load_sequences(cfg.data, write_cache=ctx.is_main)
-    train_split = make_split(data, "train", cfg.data.protocol, cfg.data.max_len)
-    select = selection_split(cfg.data.protocol)
-    select_split = make_split(data, select, cfg.data.protocol, cfg.data.max_len)
-
-    model = build_model(cfg, data, ctx)
-    optimizers = build_optimizers(model, cfg.train, ctx)
-    fingerprint = ckpt.model_fingerprint(cfg, data.num_items)
-    generator = torch.Generator(device="cpu")
-    _seed_streams(cfg, ctx.rank, 0, generator)
-    state, position = TrainState(), Position()
-
-    latest = ckpt.latest_checkpoint(run_dir) if cfg.train.resume else None
-    if latest is not None:
-        state, position = _restore(latest, fingerprint, model, optimizers, generator, cfg, ctx)
-    elif ctx.is_main:
-        removed = ckpt.clear_checkpoints(run_dir)
-        if removed:
-            tqdm.write(f"fresh run (train.resume=false): removed {removed} old checkpoint(s) of {run_dir}")
-    prepare_run_dir(cfg, run_dir, ctx)
-
-    batches = BatchIterator(train_split, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
-                            rank=ctx.rank, world_size=ctx.world_size)
-    writer = _tensorboard(run_dir) if ctx.is_main else None
-    for epoch in range(state.epoch, cfg.train.epochs):
-        loss = _train_epoch(model, optimizers, batches, epoch, state, position, generator, cfg, ctx, run_dir,
-                            fingerprint, writer)
-        position = Position()
-        state.epoch = epoch + 1
-        record: Dict[str, float] = {"epoch": state.epoch, "loss": loss, "step": state.step}
-        stop = False
-        if state.epoch % cfg.train.eval_every == 0 or state.epoch == cfg.train.epochs:
-            metrics = evaluate_model(model, select_split, cfg, ctx)
-            record.update({f"{select}/{k}": v for k, v in metrics.items()})
-            stop = _update_selection(state, metrics[SELECT_METRIC], cfg)
-            if writer is not None:
-                for k, v in metrics.items():
-                    writer.add_scalar(f"{select}/{k}", v, state.epoch)
-        state.history.append(record)
-        _save(run_dir, f"epoch-{state.epoch}", model, optimizers, generator, state, position, fingerprint, cfg, ctx,
-              is_best=state.best_epoch == state.epoch)
-        if ctx.is_main:
-            io.write_json(os.path.join(run_dir, "history.json"), state.history)
-            tqdm.write(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-        if stop or (cfg.train.max_steps and state.step >= cfg.train.max_steps):
-            break
-    if writer is not None:
-        writer.close()
+    trainer = Trainer(cfg, run_dir, ctx, data)
+    trainer.start()
+    trainer.fit()
     return finalize(cfg, run_dir, ctx)
-
-
-def _train_epoch(model, optimizers: TrainingOptimizers, batches: BatchIterator, epoch: int, state: TrainState,
-                 position: Position, generator: torch.Generator, cfg: Config, ctx: DistContext, run_dir: str,
-                 fingerprint: str, writer) -> float:
-    """Trains one epoch from batch ``position.batch``; returns the epoch's mean loss over ranks."""
-    model.train()
-    batches.set_epoch(epoch, start_batch=position.batch)
-    # Rank 0 carries the (already reduced) totals of the batches trained before a resume.
-    total = torch.tensor([position.loss_sum, position.loss_count] if ctx.is_main else [0.0, 0.0], dtype=torch.float64)
-    every = cfg.train.checkpoint_every
-    progress = tqdm(batches, total=len(batches), initial=position.batch, desc=f"epoch {epoch + 1}",
-                    disable=not ctx.is_main, leave=False, dynamic_ncols=True)
-    for index, batch in enumerate(progress, start=position.batch):
-        batch = batch.to(ctx.device)
-        out = model(batch, generator=generator)
-        scale = _global_mean_scale(out.num_positions, ctx)
-        optimizers.zero_grad()
-        (out.loss * scale).backward()
-        optimizers.step()
-        state.step += 1
-        # Summed over ranks, loss * scale is W times the global-batch mean (and 1 is W).
-        total += torch.tensor([float(out.loss.detach()) * scale, 1.0], dtype=torch.float64)
-        if ctx.is_main and state.step % 10 == 0:
-            progress.set_postfix(loss=f"{float(out.loss.detach()):.4f}")
-            if writer is not None:
-                writer.add_scalar("train/loss", float(out.loss.detach()), state.step)
-        if cfg.train.max_steps and state.step >= cfg.train.max_steps:
-            break
-        if every and state.step % every == 0 and index + 1 < len(batches):
-            reduced = all_reduce_sum(total.clone(), ctx)
-            here = Position(index + 1, float(reduced[0]), float(reduced[1]))
-            _save(run_dir, f"step-{state.step}", model, optimizers, generator, state, here, fingerprint, cfg, ctx)
-    total = all_reduce_sum(total, ctx)
-    return float(total[0] / max(total[1], 1.0))
 
 
 def _update_selection(state: TrainState, value: float, cfg: Config) -> bool:
@@ -215,73 +284,21 @@ def _update_selection(state: TrainState, value: float, cfg: Config) -> bool:
     return state.evals_without_improvement >= cfg.train.patience
 
 
-def _checkpoint_state(model, optimizers: TrainingOptimizers, generator: torch.Generator, ctx: DistContext,
-                      with_rng: bool = True) -> Dict[str, object]:
-    """What a checkpoint holds: model (sharded tables + dense), both optimizers, this rank's RNG."""
-    state: Dict[str, object] = {"model": model.state_dict(), "optim": optimizers.checkpoint_state()}
-    if with_rng:
-        state["rng"] = {f"rank{ctx.rank}": {"torch": torch.get_rng_state(), "generator": generator.get_state()}}
-    return state
-
-
-def _save(run_dir: str, name: str, model, optimizers: TrainingOptimizers, generator: torch.Generator,
-          state: TrainState, position: Position, fingerprint: str, cfg: Config, ctx: DistContext,
-          is_best: bool = False) -> None:
-    record = ckpt.CheckpointRecord(
-        name=name, fingerprint=fingerprint, epoch=state.epoch, batch=position.batch, step=state.step,
-        world_size=ctx.world_size, sharding=cfg.train.sharding, train_state=asdict(state),
-        extra={"loss_sum": position.loss_sum, "loss_count": position.loss_count},
-    )
-    ckpt.save_checkpoint(run_dir, _checkpoint_state(model, optimizers, generator, ctx), record, ctx, is_best=is_best)
-
-
-def _restore(path: str, fingerprint: str, model, optimizers: TrainingOptimizers, generator: torch.Generator,
-             cfg: Config, ctx: DistContext) -> Tuple[TrainState, Position]:
-    """Loads a checkpoint into the live model/optimizers (any world size); returns where to continue."""
-    record = ckpt.read_record(path, fingerprint)
-    same_ranks = record.world_size == ctx.world_size
-    state = _checkpoint_state(model, optimizers, generator, ctx, with_rng=same_ranks)
-    ckpt.load_checkpoint(path, state, fingerprint)
-    model.load_state_dict(state["model"])
-    optimizers.load_checkpoint_state(state["optim"])
-    if same_ranks:
-        rng = state["rng"][f"rank{ctx.rank}"]
-        torch.set_rng_state(rng["torch"])
-        generator.set_state(rng["generator"])
-    else:  # RNG streams are per rank: a new world size gets fresh streams, seeded by the step
-        _seed_streams(cfg, ctx.rank, record.step, generator)
-    if ctx.is_main:
-        note = "" if same_ranks else f"; {record.world_size} -> {ctx.world_size} ranks, random streams re-seeded"
-        tqdm.write(f"resumed from {path} (epoch {record.epoch}, batch {record.batch}, step {record.step}{note})")
-    position = Position(record.batch, float(record.extra.get("loss_sum", 0.0)), float(record.extra.get("loss_count", 0.0)))
-    return TrainState(**record.train_state), position
-
-
 def _tensorboard(run_dir: str):
-    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard import SummaryWriter  # lazy: tensorboard is slow to import and only rank 0 writes
 
     return SummaryWriter(log_dir=os.path.join(run_dir, "tb"))
-
-
-def load_run_config(run_dir: str) -> Config:
-    import yaml
-
-    path = os.path.join(run_dir, "config.yaml")
-    if not io.exists(path):
-        raise ArtifactError(f"{run_dir} is not a run directory (no config.yaml)")
-    with io.open_file(path, "r") as f:
-        return config_from_dict(yaml.safe_load(f))
 
 
 def finalize(cfg: Config, run_dir: str, ctx: DistContext) -> Dict[str, Dict[str, float]]:
     """Evaluates the best checkpoint on every split and writes ``metrics.json``."""
     data = load_sequences(cfg.data)
-    model = build_model(cfg, data, ctx)
+    model = build_sharded_model(cfg, data, ctx)
     record = ckpt.load_model_weights(ckpt.best_checkpoint(run_dir), model, ckpt.model_fingerprint(cfg, data.num_items))
     splits = ["valid", "test"] if cfg.data.protocol == "loo" else ["test"]
     results = {s: evaluate_model(model, make_split(data, s, cfg.data.protocol, cfg.data.max_len), cfg, ctx)
                for s in splits}
     results["best_epoch"] = record.train_state["best_epoch"]
     if ctx.is_main:
-        io.write_json(os.path.join(run_dir, "metrics.json"), results)
+        storage.write_json(os.path.join(run_dir, "metrics.json"), results)
     return results

@@ -24,19 +24,22 @@ Example::
     top = cobra.top_k(batch, k=10)                        # top.items [1, 10], best first
 """
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from sidvid_rec.decode import DECODERS, DecodeContext, DecoderKind, DecoderSettings, TopK, decode
+from sidvid_rec.config import DecoderSettings
+from sidvid_rec.decode import DECODERS, DecodeContext, TopK, decode
 from sidvid_rec.errors import ArtifactError, ConfigError, DataError
 from sidvid_rec.modules.hstu import HSTUEncoder
-from sidvid_rec.modules.interleave import (DecodeInputs, QueryTime, append_step, interleave_layout, next_sid_states,
+from sidvid_rec.modules.interleave import (DecodeInputs, append_step, interleave_layout, next_sid_states,
                                            sid_logits, vid_queries)
 from sidvid_rec.ops import jagged
 from sidvid_rec.retrieval.faiss_index import VidIndex
+from sidvid_rec.types import DecoderKind, QueryTime
 
 PLACEHOLDER_ITEM = 0
 """Item id of the appended (to be generated) step, as in the model; its SID token is replaced
@@ -184,11 +187,11 @@ def cobra_manifest_section(max_len: int, query_time: str, temperature: float, de
                            settings: DecoderSettings) -> Dict[str, Any]:
     """The manifest's ``cobra`` section (written by the export, read by :func:`load_cobra`)."""
     return {"max_len": max_len, "query_time": query_time, "temperature": temperature, "decoder": decoder,
-            "decoder_settings": settings._asdict()}
+            "decoder_settings": dataclasses.asdict(settings)}
 
 
 def _settings(raw: Dict[str, Any]) -> DecoderSettings:
-    unknown: List[str] = sorted(set(raw) - set(DecoderSettings._fields))
+    unknown: List[str] = sorted(set(raw) - {f.name for f in dataclasses.fields(DecoderSettings)})
     if unknown:
         raise ArtifactError(f"export manifest: unknown COBRA decoder setting {unknown[0]!r}")
     return DecoderSettings(**raw)

@@ -3,33 +3,34 @@
 ``export_run(run_dir, out)`` reads a checkpoint's shards (written by any number of ranks)
 into full tensors in this one process, rebuilds the unsharded model on the CPU to compute
 every item's vector, and writes the directory described in
-:mod:`sidvid_rec.retrieval.export_index` atomically (built in a temporary directory, renamed
+:mod:`sidvid_rec.export.format` atomically (built in a temporary directory, renamed
 into place), with the sha256 of every file in ``manifest.json``. Tables are cut back from
 their stored width (a multiple of 4, for fbgemm) to ``model.dim``.
 
 Example::
 
     summary = export_run("runs/demo", "runs/demo/export")
-    model = load_export("runs/demo/export")   # sidvid_rec.retrieval.export_index
+    model = load_export("runs/demo/export")   # sidvid_rec.export.serving
 """
 
 import json
 import os
-from typing import Any, Dict, Literal, Sequence
+from typing import Any, Dict, Sequence
 
 import safetensors.torch
 import torch
 
-from sidvid_rec import io
-from sidvid_rec.config import Config
+from sidvid_rec import artifacts, storage
+from sidvid_rec.config import Config, DecoderSettings, load_run_config, narrow
 from sidvid_rec.data import SequenceData, load_sequences
 from sidvid_rec.errors import ArtifactError, ConfigError
-from sidvid_rec.retrieval import export_index as ex
-from sidvid_rec.retrieval.cobra_export import cobra_manifest_section
+from sidvid_rec.export import format as ex
+from sidvid_rec.export.cobra import cobra_manifest_section
+from sidvid_rec.models.build import build_model
+from sidvid_rec.modules.hstu import HSTUParams
 from sidvid_rec.retrieval.faiss_index import VidIndex
 from sidvid_rec.train import checkpoint as ckpt
-
-CheckpointChoice = Literal["best", "latest"]
+from sidvid_rec.types import decodes, uses_sids
 TABLE_PREFIX = "embeddings.ebc.embedding_bags."
 """State-dict prefix of the TorchRec tables (``<prefix><table>.weight``)."""
 
@@ -56,54 +57,32 @@ def split_state(state: Dict[str, torch.Tensor], dim: int) -> Dict[str, Dict[str,
     return {"tables": tables, "dense": dense}
 
 
-@torch.no_grad()
-def item_vectors(module: torch.nn.Module, mode: str) -> Dict[str, torch.Tensor]:
-    """``{"inputs": [N+1, D], "candidates": [N+1, D] L2-normalised}`` of the unsharded model.
-
-    ``inputs`` is what the model looks up for a history item; ``candidates`` is what it
-    scores (what FAISS indexes). COBRA keeps SID and VID apart: its candidates are the VID
-    vectors (ID row + text projection), and ``sid_vectors [S, D]`` (one per valid SID, what a
-    decoder appends and a history item's SID token) and ``sid_of_item [N+1]`` (each item's
-    SID index, -1 for padding) are exported too.
-    """
-    if mode not in ex.INNER_PRODUCT_MODES:
-        sid_table, candidates = module.decoding_tables()
-        inputs = module.vid_vectors(torch.arange(module.num_items + 1))
-        return {"inputs": inputs.contiguous(), "candidates": candidates.contiguous(),
-                "sid_vectors": sid_table.contiguous(), "sid_of_item": module.sid_of_item.contiguous()}
-    inputs = module.embeddings.all_item_vectors()
-    candidates = inputs / inputs.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-    return {"inputs": inputs.contiguous(), "candidates": candidates.contiguous()}
-
-
 def _items_json(data: SequenceData) -> bytes:
     raw = [r.item() if hasattr(r, "item") else r for r in data.item_raw_ids]
     return json.dumps({"raw_ids": raw, "titles": list(data.item_title)}, ensure_ascii=False).encode("utf-8")
 
 
 def _copy_tree(src: str, dst: str) -> None:
-    io.mkdirs(dst)
-    for name in io.ls(src):
+    storage.mkdirs(dst)
+    for name in storage.ls(src):
         path = os.path.join(src, name)
-        if io.isdir(path):
+        if storage.isdir(path):
             _copy_tree(path, os.path.join(dst, name))
             continue
-        with io.open_file(path, "rb") as f, io.open_file(os.path.join(dst, name), "wb") as g:
+        with storage.open_file(path, "rb") as f, storage.open_file(os.path.join(dst, name), "wb") as g:
             g.write(f.read())
 
 
 def _manifest(cfg: Config, data: SequenceData, record: ckpt.CheckpointRecord, run_dir: str,
-              tables: Dict[str, torch.Tensor], encoder_max_len: int) -> Dict[str, Any]:
+              tables: Dict[str, torch.Tensor], encoder: HSTUParams) -> Dict[str, Any]:
     m = cfg.model
     metrics_path = os.path.join(run_dir, "metrics.json")
     return {
         "format": ex.FORMAT, "format_version": ex.FORMAT_VERSION,
-        "source": {"run_dir": io.expand(run_dir), "checkpoint": record.name, "epoch": record.epoch,
+        "source": {"run_dir": storage.expand(run_dir), "checkpoint": record.name, "epoch": record.epoch,
                    "step": record.step, "fingerprint": record.fingerprint, "world_size": record.world_size},
         "model": {"mode": m.mode, "dim": m.dim, "fusion": m.fusion, "sid_table_size": m.sid_table_size},
-        "encoder": {"max_len": encoder_max_len, "dim": m.dim, "num_blocks": m.num_blocks, "num_heads": m.num_heads,
-                    "dqk": m.dqk, "dv": m.dv, "num_time_buckets": m.num_time_buckets,
-                    "attention_scale": m.attention_scale},
+        "encoder": encoder.inference_dict(),
         "num_items": data.num_items, "data_fingerprint": data.fingerprint, "data_format": data.format,
         "ids": "retrieve takes and prints the data set's raw item ids (items.json raw_ids); tensors are "
                "indexed by internal ids 1..N (row 0 = padding)",
@@ -111,31 +90,15 @@ def _manifest(cfg: Config, data: SequenceData, record: ckpt.CheckpointRecord, ru
         "tables": {name: list(t.shape) for name, t in tables.items()},
         "index": {"kind": cfg.retrieval.index, "vectors": "L2-normalised item vectors", "count": data.num_items,
                   "ef_search": cfg.retrieval.ef_search, "nprobe": cfg.retrieval.nprobe},
-        "metrics": io.read_json(metrics_path) if io.exists(metrics_path) else None,
+        "metrics": storage.read_json(metrics_path) if storage.exists(metrics_path) else None,
     }
 
 
 def _cobra_section(cfg: Config, module: torch.nn.Module) -> Dict[str, Any]:
     """The manifest's ``cobra`` section: what decoding needs besides the tensors (the model's
     own temperature and query-time rule, the history length, the run's decoder defaults)."""
-    from sidvid_rec.models.cobra_builder import decoder_settings
-
     return cobra_manifest_section(cfg.data.max_len, module.query_time, module.temperature, cfg.eval.decoder,
-                                  decoder_settings(cfg.eval))
-
-
-def run_config(run_dir: str, overrides: Sequence[str] = ()) -> Config:
-    """The run's saved config with ``eval.*`` / ``retrieval.*`` overrides (nothing that shapes the model)."""
-    from sidvid_rec.config import config_from_dict, parse_override
-    from sidvid_rec.train.trainer import load_run_config
-
-    raw = load_run_config(run_dir).to_dict()
-    for text in overrides:
-        section, key, value = parse_override(text)
-        if section not in ("eval", "retrieval"):
-            raise ConfigError(f"export takes eval.* and retrieval.* overrides only, got {section}.{key}")
-        raw[section][key] = value
-    return config_from_dict(raw)
+                                  narrow(cfg.eval, DecoderSettings))
 
 
 def export_run(run_dir: str, out: str, checkpoint: str = "best", overrides: Sequence[str] = ()) -> Dict[str, Any]:
@@ -146,13 +109,11 @@ def export_run(run_dir: str, out: str, checkpoint: str = "best", overrides: Sequ
     Returns a summary (paths, shapes). Nothing is left at ``out`` unless the whole export
     was written.
     """
-    from sidvid_rec.models.builder import build_module
-
-    cfg = run_config(run_dir, overrides)
+    cfg = load_run_config(run_dir, overrides, command="export")
     data = load_sequences(cfg.data)
     fingerprint = ckpt.model_fingerprint(cfg, data.num_items)
     record, full = ckpt.read_full_tensors(_record_path(run_dir, checkpoint), "model.", fingerprint)
-    module = build_module(cfg, data, table_device="cpu")
+    module = build_model(cfg, data, table_device="cpu")
     try:
         module.load_state_dict(full)
     except RuntimeError as e:
@@ -160,10 +121,10 @@ def export_run(run_dir: str, out: str, checkpoint: str = "best", overrides: Sequ
                             f"({str(e).splitlines()[0][:160]})")
     module.eval()
     parts = split_state(full, cfg.model.dim)
-    vectors = item_vectors(module, cfg.model.mode)
-    r = cfg.retrieval
-    index = VidIndex.build(vectors["candidates"][1:], torch.arange(1, data.num_items + 1), kind=r.index,
-                           hnsw_m=r.hnsw_m, ef_search=r.ef_search, ivf_nlist=r.ivf_nlist, nprobe=r.nprobe)
+    vectors = module.export_vectors()
+    # The saved index is a CPU one: a GPU is the serving machine's business, not the file's.
+    index = VidIndex.from_config(vectors["candidates"][1:], torch.arange(1, data.num_items + 1), cfg.retrieval,
+                                 use_gpu=False)
     blobs = {
         ex.TABLES: safetensors.torch.save(parts["tables"]),
         ex.DENSE: safetensors.torch.save(parts["dense"]),
@@ -171,19 +132,19 @@ def export_run(run_dir: str, out: str, checkpoint: str = "best", overrides: Sequ
                                                  **{k: v for k, v in vectors.items() if k.startswith("sid_")}}),
         ex.ITEMS: _items_json(data),
     }
-    manifest = _manifest(cfg, data, record, run_dir, parts["tables"], module.encoder.max_len)  # COBRA: 2 tokens/item
-    if cfg.model.mode == ex.COBRA_MODE:  # id/sid/sid_id manifests are unchanged
+    manifest = _manifest(cfg, data, record, run_dir, parts["tables"], module.encoder.params)  # COBRA: 2 tokens/item
+    if decodes(cfg.model.mode):  # id/sid/sid_id manifests are unchanged
         manifest["cobra"] = _cobra_section(cfg, module)
-    out = io.expand(out)
-    with io.atomic_dir(out) as tmp:
+    out = storage.expand(out)
+    with storage.atomic_dir(out) as tmp:
         index.save(os.path.join(tmp, ex.INDEX))
         for name, blob in blobs.items():
-            with io.open_file(os.path.join(tmp, name), "wb") as f:
+            with storage.open_file(os.path.join(tmp, name), "wb") as f:
                 f.write(blob)
-        if cfg.model.mode != "id":
-            _copy_tree(io.expand(cfg.sids.dir), os.path.join(tmp, ex.SIDS_DIR))
+        if uses_sids(cfg.model.mode):
+            _copy_tree(storage.expand(cfg.sids.dir), os.path.join(tmp, ex.SIDS_DIR))
         files = ex.list_files(tmp)
-        manifest["files"] = {rel: io.sha256_file(os.path.join(tmp, rel)) for rel in files}
-        io.write_json(os.path.join(tmp, ex.MANIFEST), manifest)
+        manifest["files"] = artifacts.file_hashes(tmp, files)
+        storage.write_json(os.path.join(tmp, ex.MANIFEST), manifest)
     return {"out": out, "checkpoint": record.name, "epoch": record.epoch, "items": data.num_items,
             "tables": manifest["tables"], "files": len(files) + 1}

@@ -4,25 +4,11 @@ Imports nothing of the training stack (no TorchRec, no checkpoints, no pickle): 
 are safetensors, JSON and a FAISS index; the HSTU encoder is rebuilt from the manifest's
 hyperparameters and its weights.
 
-Export directory (written by :func:`sidvid_rec.export.export_run`)::
-
-    manifest.json              format, model hyperparameters, sha256 of every file below
-    tables.safetensors         the TorchRec tables gathered from their shards, cut to ``dim``:
-                               ``item_id [N+1, D]`` and/or ``sid_prefix [S, D]``
-    item_vectors.safetensors   ``item_vectors [N+1, D]``: each item's (fused) input vector,
-                               i.e. what the model looks up for a history item (COBRA: the
-                               VID vectors, plus ``sid_vectors [S, D]`` of the valid SIDs and
-                               ``sid_of_item [N+1]``, each item's SID among them)
-    dense.safetensors          every other parameter (HSTU encoder ``encoder.*``, fusion ...)
-    index.faiss                FAISS index (:class:`~sidvid_rec.retrieval.faiss_index.VidIndex`,
-                               ``retrieval.index`` of the run; flat = exact inner product) over
-                               the L2-normalised item vectors of items 1..N (id = internal id)
-    items.json                 ``raw_ids`` and ``titles`` per internal id (0 = padding)
-    sids/                      copy of the semantic-ID artifacts (modes sid, sid_id, cobra)
+The directory's layout is :mod:`sidvid_rec.export.format`'s.
 
 Modes ``id``, ``sid`` and ``sid_id`` retrieve by exact inner product of the encoder state
 with the item vectors. COBRA exports decode with the run's own decoders
-(:mod:`sidvid_rec.retrieval.cobra_export`): the manifest's ``cobra`` section records the
+(:mod:`sidvid_rec.export.cobra`): the manifest's ``cobra`` section records the
 history length, query-time rule, SID temperature, default decoder and decoder settings.
 
 Ids: ``retrieve`` takes and returns the data set's own (raw) item ids, e.g. MovieLens
@@ -36,93 +22,20 @@ Example::
     model.retrieve([1, 50, 260], k=10, decoder="beam")   # COBRA exports: any decoder
 """
 
-import hashlib
 import json
-import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from sidvid_rec import io
+from sidvid_rec import storage
 from sidvid_rec.errors import ArtifactError, ConfigError, DataError
-from sidvid_rec.modules.hstu import HSTUEncoder
-from sidvid_rec.ops import jagged
-from sidvid_rec.retrieval.cobra_export import CobraRetriever, HistoryBatch, load_cobra
-from sidvid_rec.retrieval.faiss_index import MISSING_ID, VidIndex
-
-FORMAT = "sidvid_rec.export"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-TABLES = "tables.safetensors"
-ITEM_VECTORS = "item_vectors.safetensors"
-DENSE = "dense.safetensors"
-INDEX = "index.faiss"
-ITEMS = "items.json"
-SIDS_DIR = "sids"
-INNER_PRODUCT_MODES = ("id", "sid", "sid_id")
-"""Modes whose top-K is the encoder state against the item vectors (no decoder)."""
-COBRA_MODE = "cobra"
-"""The mode whose top-K comes from a COBRA decoder (SID first, then VID retrieval)."""
-
-
-# ----------------------------------------------------------------------------- integrity
-
-
-def sha256_bytes(blob: bytes) -> str:
-    return hashlib.sha256(blob).hexdigest()
-
-
-def list_files(directory: str, prefix: str = "") -> List[str]:
-    """Relative paths of every file under ``directory`` (sorted), the manifest excluded."""
-    out: List[str] = []
-    for name in io.ls(os.path.join(directory, prefix) if prefix else directory):
-        rel = os.path.join(prefix, name) if prefix else name
-        if io.isdir(os.path.join(directory, rel)):
-            out += list_files(directory, rel)
-        elif rel != MANIFEST:
-            out.append(rel)
-    return sorted(out)
-
-
-def read_verified(directory: str, manifest: Dict[str, Any]) -> Dict[str, bytes]:
-    """Every file named in the manifest, read once and checked against its sha256.
-
-    Raises a one-line ArtifactError on a missing, changed or unexpected file; nothing is
-    returned (so nothing is loaded) unless all files pass.
-    """
-    expected: Dict[str, str] = manifest.get("files", {})
-    blobs: Dict[str, bytes] = {}
-    for rel, digest in sorted(expected.items()):
-        path = os.path.join(directory, rel)
-        if not io.exists(path):
-            raise ArtifactError(f"export {directory} is incomplete: missing {rel}")
-        with io.open_file(path, "rb") as f:
-            blob = f.read()
-        if sha256_bytes(blob) != digest:
-            raise ArtifactError(f"export {directory}: {rel} does not match its sha256 in {MANIFEST} (changed or damaged)")
-        blobs[rel] = blob
-    extra = sorted(set(list_files(directory)) - set(expected))
-    if extra:
-        raise ArtifactError(f"export {directory}: {extra[0]} is not listed in {MANIFEST}")
-    return blobs
-
-
-def read_manifest(directory: str) -> Dict[str, Any]:
-    path = os.path.join(directory, MANIFEST)
-    if not io.exists(path):
-        raise ArtifactError(f"{directory} is not an export directory (no {MANIFEST}); run `sidvid-rec export` first")
-    manifest = io.read_json(path)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ArtifactError(f"{path} is not a sidvid-rec export manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path}: export format version {manifest.get('format_version')} is not supported "
-                            f"(expected {FORMAT_VERSION})")
-    return manifest
-
-
-# ----------------------------------------------------------------------------- model
+from sidvid_rec.export.cobra import CobraRetriever, HistoryBatch, load_cobra
+from sidvid_rec.export.format import DENSE, INDEX, ITEM_VECTORS, ITEMS, check_mode, read_manifest, read_verified
+from sidvid_rec.modules.hstu import HSTUEncoder, HSTUParams
+from sidvid_rec.retrieval.faiss_index import VidIndex
+from sidvid_rec.types import MISSING_ID, decodes
 
 
 @dataclass
@@ -138,7 +51,7 @@ class Retrieved:
 
 
 def _safetensors(blob: bytes, name: str) -> Dict[str, torch.Tensor]:
-    import safetensors.torch
+    import safetensors.torch  # lazy: keeps `import sidvid_rec.export.serving` free of native libraries until a file is read
 
     try:
         return safetensors.torch.load(blob)
@@ -148,7 +61,7 @@ def _safetensors(blob: bytes, name: str) -> Dict[str, torch.Tensor]:
 
 def _faiss_index(blob: bytes) -> Any:
     """The FAISS index in ``blob`` (the verified bytes of ``index.faiss``, not a second read)."""
-    import faiss
+    import faiss  # lazy: keeps `import sidvid_rec.export.serving` free of native libraries until a file is read
 
     try:
         return faiss.deserialize_index(np.frombuffer(blob, dtype=np.uint8))
@@ -158,7 +71,7 @@ def _faiss_index(blob: bytes) -> Any:
 
 class ExportedModel:
     """An export loaded for retrieval: encoder, item vectors, FAISS index, item names
-    (COBRA: and the decoder, :class:`~sidvid_rec.retrieval.cobra_export.CobraRetriever`).
+    (COBRA: and the decoder, :class:`~sidvid_rec.export.cobra.CobraRetriever`).
 
     Args:
         directory: the export directory.
@@ -169,14 +82,13 @@ class ExportedModel:
     def __init__(self, directory: str, manifest: Dict[str, Any], blobs: Dict[str, bytes]) -> None:
         self.directory = directory
         self.manifest = manifest
-        self.mode: str = manifest["model"]["mode"]
+        self.mode = check_mode(manifest["model"]["mode"], directory)
         vectors = _safetensors(blobs[ITEM_VECTORS], ITEM_VECTORS)
         self.item_vectors = vectors["item_vectors"]  # [N+1, D]
-        hp = manifest["encoder"]
-        self.encoder = HSTUEncoder(max_len=hp["max_len"], dim=hp["dim"], num_blocks=hp["num_blocks"],
-                                   num_heads=hp["num_heads"], dqk=hp["dqk"], dv=hp["dv"], dropout=0.0,
-                                   attn_dropout=0.0, num_time_buckets=hp["num_time_buckets"],
-                                   attention_scale=hp["attention_scale"])
+        try:
+            self.encoder = HSTUEncoder.from_params(HSTUParams(**manifest["encoder"]))
+        except TypeError as e:
+            raise ArtifactError(f"export {directory}: the manifest's encoder section does not fit ({e})")
         dense = _safetensors(blobs[DENSE], DENSE)
         encoder_state = {k[len("encoder."):]: v for k, v in dense.items() if k.startswith("encoder.")}
         try:
@@ -193,10 +105,8 @@ class ExportedModel:
         self._internal = {str(raw): i for i, raw in enumerate(self.raw_ids) if i > 0}
         self.filter_history: bool = bool(manifest.get("filter_history", True))
         self.cobra: Optional[CobraRetriever] = None
-        if self.mode == COBRA_MODE:
+        if decodes(self.mode):
             self.cobra = load_cobra(manifest, self.encoder, dense, vectors, self.index, self.filter_history)
-        elif self.mode not in INNER_PRODUCT_MODES:
-            raise ArtifactError(f"export {directory} has unknown model mode {self.mode!r}")
 
     @property
     def num_items(self) -> int:
@@ -228,9 +138,7 @@ class ExportedModel:
         max_len = self.encoder.max_len
         ids, times = batch.item_ids[-max_len:], batch.timestamps[-max_len:]
         offsets = torch.tensor([0, ids.numel()])
-        query_times = jagged.next_timestamps(times, offsets, last=batch.query_times)
-        h = self.encoder(self.item_vectors[ids], offsets, times, query_timestamps=query_times)  # [L, D]
-        return h[-1]
+        return self.encoder.last_states(self.item_vectors[ids], offsets, times, batch.query_times)[0]
 
     def retrieve(self, history: Sequence[Any], k: int = 10, timestamps: Optional[Sequence[int]] = None,
                  query_time: Optional[int] = None, raw_ids: bool = True, decoder: Optional[str] = None) -> Retrieved:
@@ -266,6 +174,6 @@ class ExportedModel:
 
 def load_export(directory: str) -> ExportedModel:
     """Verifies every file of an export against its manifest, then loads it for retrieval."""
-    directory = io.expand(directory)
+    directory = storage.expand(directory)
     manifest = read_manifest(directory)
     return ExportedModel(directory, manifest, read_verified(directory, manifest))

@@ -1,0 +1,60 @@
+"""Every switch of the package, defined once: the ``Literal`` types of config values and the
+questions asked of a model mode.
+
+Config fields (:mod:`sidvid_rec.config`), modules and the CLI all take these types, so a
+value's spelling lives in one place; ``typing.get_args(ModelMode)`` lists the choices.
+Nothing here imports torch: the module is read by the cheap CLI start-up path too.
+"""
+
+from typing import Literal
+
+DataFormat = Literal["auto", "ml-100k", "ml-1m", "ml-20m", "ml-latest", "amazon"]
+"""Input file format (``auto``: detected from the file names)."""
+SplitProtocol = Literal["loo", "gr"]
+"""``loo``: leave-one-out with a validation split; ``gr``: generative-recommenders (no validation)."""
+ModelMode = Literal["id", "sid", "sid_id", "cobra"]
+"""Which item tables the model has and how it ranks (see :func:`uses_sids`, :func:`decodes`)."""
+Fusion = Literal["sum", "fc", "mlp", "gate"]
+"""How ``sid_id`` combines the SID and ID vectors of an item."""
+Balance = Literal["balanced", "none"]
+"""Balanced (size-constrained) or plain residual k-means."""
+Pooling = Literal["auto", "mean", "last"]
+"""Token pooling of a Hugging Face text encoder (``auto``: by model type)."""
+ResolvedPooling = Literal["mean", "last"]
+"""A :data:`Pooling` after ``auto`` is resolved."""
+DecoderKind = Literal["direct", "neighbor", "soft", "beam"]
+"""COBRA decoder."""
+BeamFuse = Literal["prod", "sum", "softmax"]
+"""How the ``beam`` decoder fuses SID and VID scores."""
+VidNegatives = Literal["in_batch", "in_batch_global", "queue"]
+"""COBRA VID negative pool."""
+SidSoftmax = Literal["auto", "full", "sampled"]
+"""COBRA SID loss: exact softmax over the valid SIDs, sampled, or by catalogue size."""
+IndexKind = Literal["flat", "hnsw", "ivf"]
+"""FAISS index type."""
+Sharding = Literal["auto", "table_wise", "row_wise", "column_wise", "data_parallel"]
+"""TorchRec sharding of the tables (``auto``: the planner's choice)."""
+EmbeddingOptimizer = Literal["auto", "rowwise_adagrad", "adagrad", "sgd", "adam"]
+"""Fused in-backward optimizer of the tables."""
+Device = Literal["auto", "cpu", "cuda"]
+"""Where a computation runs (``auto``: CUDA when available)."""
+AttentionScale = Literal["length", "max_len"]
+"""HSTU attention is divided by each sequence's true length or by the fixed ``max_len``."""
+QueryTime = Literal["target", "own"]
+"""COBRA time-bias query time of a token: that of the step it generates, or its own."""
+CheckpointChoice = Literal["best", "latest"]
+"""Which checkpoint of a run directory export/evaluate read."""
+
+MISSING_ID = -1
+"""Item id of an empty slot in a top-K list (the catalogue ran out); never a real item."""
+
+
+def uses_sids(mode: ModelMode) -> bool:
+    """Whether ``mode`` reads semantic IDs (``sids.dir``): every mode but ``id``."""
+    return mode != "id"
+
+
+def decodes(mode: ModelMode) -> bool:
+    """Whether ``mode`` ranks through a COBRA decoder (SID first, then VID retrieval) rather
+    than by the inner product of one encoder state with every item vector."""
+    return mode == "cobra"
