@@ -12,7 +12,7 @@ import logging
 import warnings
 import re
 import sys
-from typing import List, Optional
+from typing import List, NoReturn, Optional
 
 from sidvid_rec.errors import UserError
 
@@ -30,8 +30,19 @@ _COMMAND_MODULES = (
 _OVERRIDE = re.compile(r"^[A-Za-z_]\w*\.[A-Za-z_]\w*=")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one stderr line (``--help`` is unchanged).
+
+    ``add_subparsers`` makes sub-parsers of the parser's own class, so every subcommand's
+    parser inherits this without naming it.
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="sidvid-rec",
         description="Generative sequential recommendation with semantic IDs (SID) and vector IDs (VID).",
     )
@@ -69,6 +80,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"sidvid-rec {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # last line of defence: an OS error no writer or reader turned into a UserError
+        reason = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else (e.strerror or str(e))
+        print(f"sidvid-rec {args.command}: error: {reason}".replace("\n", " "), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def fingerprint(path: str, fmt: str, min_len: int) -> str:
 
 
 def _cache_dir(cfg: DataConfig, fp: str) -> str:
-    return os.path.join(storage.expand(cfg.cache_dir), "sequences", fp)
+    return os.path.join(storage.expand_setting(cfg.cache_dir, "data.cache_dir"), "sequences", fp)
 
 
 def _save_cache(data: SequenceData, directory: str) -> None:
