@@ -6,12 +6,13 @@ looks at the file names in the directory. Malformed input raises a one-line
 :class:`~sidvid_rec.errors.DataError` naming the file and, where known, the line.
 """
 
+import html
 import io as _stdio
 import json
 import os
 import re
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -75,14 +76,24 @@ def input_files(path: str, fmt: str) -> List[str]:
     return [os.path.join(path, f) for f in FORMAT_FILES[canonical_format(fmt)]]
 
 
+def check_input_files(path: str, fmt: str) -> List[str]:
+    """:func:`input_files`, each checked to exist and to be a file (the one place both the
+    reader and the cache fingerprint validate them, so neither meets a directory)."""
+    files = input_files(path, fmt)
+    for f in files:
+        if not storage.exists(f):
+            raise DataError(f"{fmt} data needs {os.path.basename(f)}, missing in {path}")
+        if storage.isdir(f):
+            raise DataError(f"{f} is a directory; {fmt} data needs it to be a file")
+    return files
+
+
 def read(path: str, fmt: str = "auto") -> RawInteractions:
     """Reads a data directory of format ``fmt`` (``auto`` detects it)."""
     fmt = detect_format(path) if fmt == "auto" else canonical_format(fmt)
     if fmt not in _READERS:
         raise DataError(f"unknown data format {fmt!r} (known: auto, {', '.join(FORMAT_FILES)}, ml-20m)")
-    for f in input_files(path, fmt):
-        if not storage.exists(f):
-            raise DataError(f"{fmt} data needs {os.path.basename(f)}, missing in {path}")
+    check_input_files(path, fmt)
     raw = _READERS[fmt](path)
     _check_items_have_text(raw, path)
     return raw
@@ -92,10 +103,17 @@ def read(path: str, fmt: str = "auto") -> RawInteractions:
 
 
 def _read_text(path: str, encoding: str) -> str:
-    with storage.open_file(path, "rb") as f:
-        data = f.read()
+    try:
+        with storage.open_file(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}")
     if not data.strip():
         raise DataError(f"{path} is empty")
+    # No text format holds NUL bytes; latin-1 would decode binary garbage without complaint.
+    if b"\x00" in data:
+        line = data[: data.index(b"\x00")].count(b"\n") + 1
+        raise DataError(f"{path}: NUL byte at line {line} (a binary file, not {encoding} text)")
     try:
         return data.decode(encoding)
     except UnicodeDecodeError as e:
@@ -126,21 +144,47 @@ def _read_table(path: str, sep: str, names: List[str], encoding: str, header: bo
         raise DataError(f"{path}: cannot parse ({str(e).splitlines()[0]})")
 
 
-def _to_int(df: pd.DataFrame, column: str, path: str) -> np.ndarray:
-    values = pd.to_numeric(df[column], errors="coerce")
-    bad = values.isna() | (values != values.round())
+INT64_MAX = int(np.iinfo(np.int64).max)
+_NON_NUMERIC = "{path}: non-numeric {column} {value} in data row {row}"
+_OUT_OF_RANGE = "{path}: {column} {value} in data row {row} is out of the int64 range"
+
+
+def _first_bad(df: pd.DataFrame, column: str, path: str, bad: np.ndarray, message: str) -> None:
+    """Raises a DataError naming the first row where ``bad [rows]`` is set, if any."""
     if bad.any():
-        row = int(np.flatnonzero(bad.to_numpy())[0])
-        raise DataError(f"{path}: non-numeric {column} {df[column].iloc[row]!r} in data row {row + 1}")
-    return values.to_numpy().astype(np.int64)
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(message.format(path=path, column=column, value=repr(df[column].iloc[row]), row=row + 1))
+
+
+def _to_int(df: pd.DataFrame, column: str, path: str) -> np.ndarray:
+    """``df[column]`` as int64 ``[rows]``; a value that is not an integer within int64 is refused.
+
+    pandas gives int64 when every value fits, uint64 for values past int64 and float64 for
+    decimals, exponents and values past uint64: each is checked here, before the cast wraps it.
+    """
+    values = pd.to_numeric(df[column], errors="coerce")
+    _first_bad(df, column, path, values.isna().to_numpy(), _NON_NUMERIC)
+    array = values.to_numpy()
+    if array.dtype.kind == "u":
+        _first_bad(df, column, path, array > INT64_MAX, _OUT_OF_RANGE)
+    elif array.dtype.kind == "f":
+        _first_bad(df, column, path, ~(np.abs(array) < 2.0**63), _OUT_OF_RANGE)
+        _first_bad(df, column, path, array != np.round(array),
+                   "{path}: {column} {value} in data row {row} is not an integer")
+        # A float holds integers exactly only below 2**53; larger ones would be silently rounded.
+        _first_bad(df, column, path, np.abs(array) >= 2.0**53,
+                   "{path}: {column} {value} in data row {row} is too large to read exactly in a column with decimals")
+    return array.astype(np.int64)
 
 
 def _to_float(df: pd.DataFrame, column: str, path: str) -> np.ndarray:
     values = pd.to_numeric(df[column], errors="coerce")
-    if values.isna().any():
-        row = int(np.flatnonzero(values.isna().to_numpy())[0])
-        raise DataError(f"{path}: non-numeric {column} {df[column].iloc[row]!r} in data row {row + 1}")
-    return values.to_numpy().astype(np.float32)
+    _first_bad(df, column, path, values.isna().to_numpy(), _NON_NUMERIC)
+    with np.errstate(over="ignore"):  # overflow to inf is reported just below
+        array = values.to_numpy().astype(np.float32)
+    _first_bad(df, column, path, ~np.isfinite(array),
+               "{path}: {column} {value} in data row {row} is not a finite number")
+    return array
 
 
 def _interactions(df: pd.DataFrame, path: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -148,7 +192,6 @@ def _interactions(df: pd.DataFrame, path: str) -> Tuple[np.ndarray, np.ndarray, 
             _to_int(df, "timestamp", path), _to_float(df, "rating", path))
 
 
-_YEAR = re.compile(r"\((\d{4})\)\s*$")
 
 
 def _movie_text(title: str, genres: List[str]) -> str:
@@ -213,21 +256,37 @@ def _read_amazon(path: str) -> RawInteractions:
     so HSTU's time bias sees a constant step of 1; ratings are 1.0 (implicit feedback).
     """
     seq_path, items_path = input_files(path, "amazon")
-    text = _read_text(seq_path, "utf-8")
+    users, items, positions = _read_amazon_sequences(seq_path)
+    titles, item_text = _read_amazon_items(items_path)
+    return RawInteractions(users, items, positions, np.ones(users.size, dtype=np.float32), titles, item_text,
+                           True, "amazon")
+
+
+def _read_amazon_sequences(seq_path: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``users [I]``, ``items [I]``, ``positions [I]`` (int64) of ``sequential.txt``."""
     users, items, positions = [], [], []
-    for line_no, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    for line_no, line in enumerate(_read_text(seq_path, "utf-8").splitlines(), start=1):
         fields = line.split()
-        if not all(f.isdigit() for f in fields):
-            bad = next(f for f in fields if not f.isdigit())
+        if not fields:
+            continue
+        # str.isdigit alone admits non-ASCII digits ("²", "١"), which int() rejects or reinterprets.
+        bad = next((f for f in fields if not (f.isascii() and f.isdigit())), None)
+        if bad is not None:
             raise DataError(f"{seq_path}: non-numeric id {bad[:30]!r} at line {line_no} (expected space-separated ids)")
+        big = next((f for f in fields if len(f) > 18 and int(f) > INT64_MAX), None)
+        if big is not None:
+            raise DataError(f"{seq_path}: id {big[:30]!r} at line {line_no} is out of the int64 range")
         if len(fields) < 2:
             raise DataError(f"{seq_path}: line {line_no} has a user but no items")
         n = len(fields) - 1
         users.append(np.full(n, int(fields[0]), dtype=np.int64))
         items.append(np.asarray(fields[1:], dtype=np.int64))
         positions.append(np.arange(n, dtype=np.int64))
+    return np.concatenate(users), np.concatenate(items), np.concatenate(positions)
+
+
+def _read_amazon_items(items_path: str) -> Tuple[Dict[int, str], Dict[int, str]]:
+    """``items.jsonl``: one JSON object per line -> (raw id -> title, raw id -> item text)."""
     titles: Dict[int, str] = {}
     item_text: Dict[int, str] = {}
     for line_no, line in enumerate(_read_text(items_path, "utf-8").splitlines(), start=1):
@@ -235,19 +294,61 @@ def _read_amazon(path: str) -> RawInteractions:
             continue
         try:
             obj = json.loads(line)
-            item_id = int(obj["item_id"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (json.JSONDecodeError, RecursionError):
+            obj = None
+        item_id = _amazon_item_id(obj)
+        if item_id is None:
             raise DataError(f"{items_path}: line {line_no} is not a JSON object with an integer item_id")
+        if not -INT64_MAX <= item_id <= INT64_MAX:
+            raise DataError(f"{items_path}: item_id {item_id} at line {line_no} is out of the int64 range")
+        problem = _amazon_field_problem(obj)
+        if problem:
+            raise DataError(f"{items_path}: line {line_no}: {problem}")
         titles[item_id] = obj.get("title") or ""
         item_text[item_id] = _amazon_text(obj)
-    all_users = np.concatenate(users)
-    return RawInteractions(all_users, np.concatenate(items), np.concatenate(positions),
-                           np.ones(all_users.size, dtype=np.float32), titles, item_text, True, "amazon")
+    return titles, item_text
+
+
+def _amazon_item_id(obj: object) -> Optional[int]:
+    """The integer ``item_id`` of a parsed line (a JSON integer or a string of ASCII digits)."""
+    if not isinstance(obj, dict):
+        return None
+    value = obj.get("item_id")
+    if isinstance(value, int) and not isinstance(value, bool):  # JSON true is not an id
+        return value
+    if isinstance(value, str) and value.strip().isascii() and value.strip().isdigit():
+        return int(value)
+    return None
+
+
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value, for messages."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number"}
+    return names.get(type(value), "null")
+
+
+def _amazon_field_problem(obj: Dict) -> Optional[str]:
+    """Why the text fields of an item object have the wrong JSON types (``None`` when they are fine).
+
+    ``title``/``brand``: string or null; ``categories``: array of arrays of strings (category paths).
+    """
+    for key in ("title", "brand"):
+        if obj.get(key) is not None and not isinstance(obj[key], str):
+            return f"{key} is {_json_type(obj[key])}, expected a string"
+    categories = obj.get("categories")
+    if categories is None:
+        return None
+    if not isinstance(categories, list):
+        return f"categories is {_json_type(categories)}, expected an array of category paths"
+    for p in categories:
+        if not isinstance(p, list) or not all(isinstance(c, str) for c in p):
+            return f"categories holds {_json_type(p)} {json.dumps(p)[:40]}, expected an array of strings"
+    return None
 
 
 def _amazon_text(obj: Dict) -> str:
     """``Title. Brand: X. Categories: Beauty > Makeup > Nails`` (HTML entities unescaped)."""
-    import html
 
     parts = []
     if obj.get("title"):

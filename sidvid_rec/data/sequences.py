@@ -3,11 +3,16 @@
 Legend: U users, N items (ids 1..N, 0 = padding), T interactions in all, E examples of a split.
 """
 
+import contextlib
 import hashlib
 import json
 import os
+import sys
+import time
+import zipfile
+import zlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -112,14 +117,87 @@ def resolve_data_path(cfg: DataConfig) -> str:
     return storage.expand(cfg.path) if cfg.path else DEFAULT_DATA_DIR
 
 
-def fingerprint(path: str, fmt: str, min_len: int) -> str:
-    """sha256 over the format, ``min_len`` and the bytes of the files the format reads."""
+def fingerprint(path: str, fmt: str, min_len: int, memo_dir: Optional[str] = None) -> str:
+    """sha256 over the format, ``min_len`` and the bytes of the files the format reads.
+
+    It depends on the content only (not on the path); ``memo_dir`` (a ``data.cache_dir``) lets
+    it reuse file digests memoised there (see :func:`_file_sha256`); the value is the same.
+    """
+    return _fingerprint(path, fmt, min_len, memo_dir)[0]
+
+
+# Memo entries to write once a load has succeeded: (memo file, entry).
+_Memo = Tuple[str, Dict[str, object]]
+
+
+def _fingerprint(path: str, fmt: str, min_len: int, memo_dir: Optional[str]) -> Tuple[str, List[_Memo]]:
     digest = hashlib.sha256(f"v{CACHE_VERSION}|{fmt}|{min_len}".encode())
-    for f in readers.input_files(path, fmt):
-        if not storage.exists(f):
-            raise DataError(f"{fmt} data needs {os.path.basename(f)}, missing in {path}")
-        digest.update(storage.sha256_file(f).encode())
-    return digest.hexdigest()[:16]
+    memos: List[_Memo] = []
+    for f in readers.check_input_files(path, fmt):
+        file_digest, memo = _file_sha256(f, memo_dir)
+        digest.update(file_digest.encode())
+        if memo is not None:
+            memos.append(memo)
+    return digest.hexdigest()[:16], memos
+
+
+# Hashing every input file on every load costs ~0.5-1 s per GB (ML-20M: ~0.7 GB) before the cache
+# can even be looked up, so the full-file sha256 of a local file is memoised under data.cache_dir,
+# keyed by (size, mtime_ns, ctime_ns, inode). Any write changes mtime and ctime, and ctime cannot be
+# set back (touch/utime/cp -p/rsync keep mtime but not ctime), so a file changed in place is always
+# re-hashed. Hashing only the first/last MiB would be cheaper but miss edits in the middle. A file
+# changed within _RACY_NS of hashing is not memoised: a second edit within the same coarse
+# file-system timestamp tick would leave the key unchanged (git's "racy clean" problem).
+_RACY_NS = 2_000_000_000
+
+
+def _stat_key(path: str) -> Optional[Dict[str, int]]:
+    if "://" in path:  # no reliable stat through iopath: always hash
+        return None
+    st = os.stat(path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+
+
+def _memo_file(memo_dir: str, path: str) -> str:
+    return os.path.join(memo_dir, "file-hashes", hashlib.sha256(path.encode()).hexdigest()[:24] + ".json")
+
+
+def _read_memo(memo: str, path: str, key: Dict[str, int]) -> Optional[str]:
+    """The memoised hex digest of ``path`` if ``memo`` is intact and matches ``key``."""
+    try:
+        with storage.open_file(memo, "r") as f:
+            entry = json.load(f)
+    except (OSError, ValueError, RecursionError):
+        return None  # a missing or damaged memo only costs a re-hash
+    if not isinstance(entry, dict) or entry.get("path") != path or any(entry.get(k) != v for k, v in key.items()):
+        return None
+    digest = entry.get("sha256")
+    valid = isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)
+    return digest if valid else None
+
+
+def _file_sha256(path: str, memo_dir: Optional[str]) -> Tuple[str, Optional[_Memo]]:
+    """Hex sha256 of ``path``'s bytes and, when it should be memoised, the memo entry to write."""
+    try:
+        key = _stat_key(path) if memo_dir else None
+        memo = _memo_file(memo_dir, path) if key else None
+        cached = _read_memo(memo, path, key) if memo and storage.exists(memo) else None
+        if cached is not None:
+            return cached, None
+        start = time.time_ns()
+        digest = storage.sha256_file(path)
+        stable = key is not None and _stat_key(path) == key
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}")
+    if not stable or max(key["mtime_ns"], key["ctime_ns"]) > start - _RACY_NS:
+        return digest, None
+    return digest, (memo, {"path": path, **key, "sha256": digest})
+
+
+def _write_memos(memos: List[_Memo]) -> None:
+    for memo, entry in memos:
+        with contextlib.suppress(OSError):  # a read-only cache only loses the speed-up
+            storage.write_json(memo, entry)
 
 
 def _cache_dir(cfg: DataConfig, fp: str) -> str:
@@ -138,18 +216,66 @@ def _save_cache(data: SequenceData, directory: str) -> None:
             json.dump(meta, f)
 
 
-def _load_cache(directory: str) -> Optional[SequenceData]:
+_CACHE_ARRAYS = {"item_values": np.int64, "timestamps": np.int64, "ratings": np.float32, "offsets": np.int64,
+                 "user_raw_ids": np.int64, "item_raw_ids": np.int64}
+_CACHE_META = {"item_title": list, "item_text": list, "dropped_users": int, "timestamps_are_positions": bool,
+               "format": str, "fingerprint": str, "version": int}
+
+
+def _load_cache(directory: str, fp: str) -> Optional[SequenceData]:
+    """The cached data of fingerprint ``fp``, or ``None`` (with a one-line warning) when damaged."""
     try:
-        with storage.open_file(os.path.join(directory, "sequences.npz"), "rb") as f:
-            arrays = dict(np.load(f, allow_pickle=False))
-        with storage.open_file(os.path.join(directory, "items.json"), "r") as f:
-            meta = json.load(f)
-    except (OSError, ValueError, KeyError):
-        return None  # a damaged cache is rebuilt, never trusted
-    if meta.get("version") != CACHE_VERSION:
+        arrays, meta = _read_cache_files(directory)
+        problem = _cache_problem(arrays, meta, fp)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, RecursionError) as e:
+        problem = f"unreadable: {type(e).__name__}: {e}"
+    if problem is not None:  # a damaged cache is rebuilt from the source data, never trusted
+        print(f"warning: rebuilding the damaged data cache {directory} ({' '.join(problem.split())[:200]})",
+              file=sys.stderr)
         return None
     meta.pop("version")
     return SequenceData(**arrays, **meta)
+
+
+def _read_cache_files(directory: str) -> Tuple[Dict[str, np.ndarray], object]:
+    """The arrays of ``sequences.npz`` and the parsed ``items.json`` of a cache entry, unchecked."""
+    with storage.open_file(os.path.join(directory, "sequences.npz"), "rb") as f:
+        loaded = np.load(f, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a lone .npy array parses too
+            raise ValueError("sequences.npz is not an .npz archive")
+        with loaded:
+            arrays = {name: loaded[name] for name in loaded.files}
+    with storage.open_file(os.path.join(directory, "items.json"), "r") as f:
+        meta = json.load(f)
+    return arrays, meta
+
+
+def _cache_problem(arrays: Dict[str, np.ndarray], meta: object, fp: str) -> Optional[str]:
+    """What is inconsistent in a cache entry's arrays and ``items.json``; ``None`` when it is sound."""
+    if set(arrays) != set(_CACHE_ARRAYS):
+        return f"sequences.npz holds {sorted(arrays)}"
+    for name, dtype in _CACHE_ARRAYS.items():
+        if arrays[name].dtype != dtype or arrays[name].ndim != 1:
+            return f"{name} is {arrays[name].dtype}{list(arrays[name].shape)}"
+    if not isinstance(meta, dict) or set(meta) != set(_CACHE_META):
+        return "items.json does not hold the expected keys"
+    for key, kind in _CACHE_META.items():
+        if type(meta[key]) is not kind:  # exact: a bool is not an int here
+            return f"items.json {key} is {type(meta[key]).__name__}"
+    if meta["version"] != CACHE_VERSION or meta["fingerprint"] != fp or meta["format"] not in readers.FORMAT_FILES:
+        return "items.json names another version, fingerprint or format"
+    offsets, values, n = arrays["offsets"], arrays["item_values"], arrays["item_raw_ids"].size - 1
+    t = values.size
+    if (t < 1 or offsets.size < 2 or offsets[0] != 0 or offsets[-1] != t or np.any(np.diff(offsets) < 0)
+            or arrays["timestamps"].size != t or arrays["ratings"].size != t
+            or arrays["user_raw_ids"].size != offsets.size - 1):
+        return "sequence arrays disagree in length"
+    if n < 1 or values.min() < 1 or values.max() > n or meta["dropped_users"] < 0:
+        return "item ids out of range"
+    texts = meta["item_title"] + meta["item_text"]
+    if len(meta["item_title"]) != n + 1 or len(meta["item_text"]) != n + 1 or not all(type(x) is str for x in texts):
+        return "item titles/texts do not match the items"
+    return None
 
 
 def load_sequences(cfg: DataConfig, use_cache: bool = True, write_cache: bool = True) -> SequenceData:
@@ -158,15 +284,15 @@ def load_sequences(cfg: DataConfig, use_cache: bool = True, write_cache: bool = 
     fmt = readers.detect_format(path) if cfg.format == "auto" else readers.canonical_format(cfg.format)
     if fmt not in readers.FORMAT_FILES:
         raise DataError(f"unknown data format {cfg.format!r}")
-    fp = fingerprint(path, fmt, cfg.min_len)
+    fp, memos = _fingerprint(path, fmt, cfg.min_len, storage.expand_setting(cfg.cache_dir, "data.cache_dir"))
     cache = _cache_dir(cfg, fp)
-    if use_cache and storage.exists(cache):
-        cached = _load_cache(cache)
-        if cached is not None:
-            return cached
-    data = build_sequences(readers.read(path, fmt), cfg.min_len, fp)
-    if write_cache:
-        _save_cache(data, cache)
+    data = _load_cache(cache, fp) if use_cache and storage.exists(cache) else None
+    if data is None:
+        data = build_sequences(readers.read(path, fmt), cfg.min_len, fp)
+        if write_cache:
+            _save_cache(data, cache)
+    if write_cache:  # only after success: a failed read leaves nothing on disk
+        _write_memos(memos)
     return data
 
 
@@ -174,7 +300,8 @@ def cache_path(cfg: DataConfig) -> str:
     """Directory where :func:`load_sequences` keeps the preprocessed data of ``cfg``."""
     path = resolve_data_path(cfg)
     fmt = readers.detect_format(path) if cfg.format == "auto" else readers.canonical_format(cfg.format)
-    return _cache_dir(cfg, fingerprint(path, fmt, cfg.min_len))
+    memo_dir = storage.expand_setting(cfg.cache_dir, "data.cache_dir")
+    return _cache_dir(cfg, fingerprint(path, fmt, cfg.min_len, memo_dir))
 
 
 # ----------------------------------------------------------------------------- splits
