@@ -19,7 +19,7 @@ import os
 from typing import Any, Dict, Iterable, List, Optional
 
 from sidvid_rec import storage
-from sidvid_rec.errors import ArtifactError
+from sidvid_rec.errors import ArtifactError, UserError
 
 MANIFEST_FILE = "manifest.json"
 
@@ -30,12 +30,14 @@ def sha256_bytes(blob: bytes) -> str:
 
 
 def list_files(directory: str, prefix: str = "", exclude: Iterable[str] = (MANIFEST_FILE,)) -> List[str]:
-    """Relative paths of every file under ``directory`` (sorted), ``exclude`` left out."""
+    """Relative paths of every file under ``directory`` (sorted), ``exclude`` left out; a
+    symbolic link is listed as a file, never followed (it cannot smuggle in a tree)."""
     out: List[str] = []
     skip = set(exclude)
     for name in storage.ls(os.path.join(directory, prefix) if prefix else directory):
         rel = os.path.join(prefix, name) if prefix else name
-        if storage.isdir(os.path.join(directory, rel)):
+        full = os.path.join(directory, rel)
+        if storage.isdir(full) and not os.path.islink(full):
             out += list_files(directory, rel, skip)
         elif rel not in skip:
             out.append(rel)
@@ -84,3 +86,22 @@ def read_verified(directory: str, expected: Dict[str, str], what: str,
         if extra:
             raise ArtifactError(f"{what}: {extra[0]} is not listed in {MANIFEST_FILE}")
     return blobs
+
+
+def check_replaceable(out: str, fmt: str) -> None:
+    """Raises :class:`UserError` unless ``out`` is absent, an empty directory or an earlier
+    artifact of format ``fmt`` (whose ``manifest.json`` says so): writing replaces it whole."""
+    if not storage.exists(out):
+        return
+    manifest = os.path.join(out, MANIFEST_FILE)
+    if storage.isdir(out) and not storage.ls(out):
+        return
+    if storage.isdir(out) and storage.exists(manifest):
+        try:
+            found = storage.read_json(manifest)
+        except ArtifactError:
+            found = None
+        if isinstance(found, dict) and found.get("format") == fmt:
+            return
+    raise UserError(f"refusing to replace {out}: it exists and is not an earlier {fmt} artifact "
+                    f"(choose a new directory)")

@@ -168,3 +168,35 @@ def test_retrieval_needs_no_training_code(exported):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def _tree(path):
+    """``{relative path: bytes}`` of every file under ``path`` (or of the file itself)."""
+    if os.path.isfile(path):
+        return {"": open(path, "rb").read()}
+    out = {}
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            full = os.path.join(dirpath, name)
+            with open(full, "rb") as f:
+                out[os.path.relpath(full, path)] = f.read()
+    return out
+
+
+def test_export_never_replaces_what_it_did_not_write(exported, tmp_path, capsys):
+    """``--out`` naming the run directory itself, a folder of other files or a regular file is
+    refused in one line with nothing changed; an earlier export is replaced."""
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    regular = tmp_path / "file.txt"
+    regular.write_text("keep me too")
+    for target in (exported["run"], foreign, regular):
+        before = _tree(str(target))
+        assert main(["export", str(exported["run"]), "--out", str(target)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "refusing to replace" in err[0], err
+        assert _tree(str(target)) == before
+    again = tmp_path / "again"
+    assert main(["export", str(exported["run"]), "--out", str(again)]) == 0
+    assert main(["export", str(exported["run"]), "--out", str(again)]) == 0  # its own earlier export

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     ctx = init_distributed(cfg.train.device)
     data = load_sequences(cfg.data)
     model = build_sharded_model(cfg, data, ctx)
-    ckpt.load_model_weights(best, model, ckpt.model_fingerprint(cfg, data.num_items))
+    ckpt.load_model_weights(best, model, ckpt.model_fingerprint(cfg, data.num_items), data.fingerprint)
     metrics = evaluate_model(model, make_split(data, args.split, cfg.data.protocol, cfg.data.max_len), cfg, ctx)
     if ctx.is_main:
         path = os.path.join(args.run_dir, "metrics.json")

@@ -20,7 +20,8 @@ from sidvid_rec.semantic_ids import (SidArtifacts, SizeBounds, build_semantic_id
 from sidvid_rec.semantic_ids.artifacts import FORMAT, REPORT_JSON, write_report_files
 from sidvid_rec.semantic_ids.kmeans import faiss_threads
 from sidvid_rec.text import embed_dataset, load_embeddings
-from sidvid_rec.text.store import array_sha256, check_replaceable
+from sidvid_rec.artifacts import check_replaceable
+from sidvid_rec.text.store import array_sha256
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -109,10 +109,14 @@ def export_run(run_dir: str, out: str, checkpoint: str = "best", overrides: Sequ
     Returns a summary (paths, shapes). Nothing is left at ``out`` unless the whole export
     was written.
     """
+    out = storage.expand(out)
+    # Refuse before any work: the export replaces ``out`` whole, so it must be absent, empty or
+    # an earlier export (never a run directory, a folder of other files or a regular file).
+    artifacts.check_replaceable(out, ex.FORMAT)
     cfg = load_run_config(run_dir, overrides, command="export")
     data = load_sequences(cfg.data)
     fingerprint = ckpt.model_fingerprint(cfg, data.num_items)
-    record, full = ckpt.read_full_tensors(_record_path(run_dir, checkpoint), "model.", fingerprint)
+    record, full = ckpt.read_full_tensors(_record_path(run_dir, checkpoint), "model.", fingerprint, data.fingerprint)
     module = build_model(cfg, data, table_device="cpu")
     try:
         module.load_state_dict(full)
@@ -135,7 +139,6 @@ def export_run(run_dir: str, out: str, checkpoint: str = "best", overrides: Sequ
     manifest = _manifest(cfg, data, record, run_dir, parts["tables"], module.encoder.params)  # COBRA: 2 tokens/item
     if decodes(cfg.model.mode):  # id/sid/sid_id manifests are unchanged
         manifest["cobra"] = _cobra_section(cfg, module)
-    out = storage.expand(out)
     with storage.atomic_dir(out) as tmp:
         index.save(os.path.join(tmp, ex.INDEX))
         for name, blob in blobs.items():

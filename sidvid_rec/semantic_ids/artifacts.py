@@ -30,7 +30,7 @@ from sidvid_rec.errors import ArtifactError
 from sidvid_rec.semantic_ids.codebook import distinct_tuples
 from sidvid_rec.semantic_ids.kmeans import SizeBounds
 from sidvid_rec.semantic_ids.plot import write_code_usage_png
-from sidvid_rec.text.store import check_replaceable
+from sidvid_rec.artifacts import check_replaceable
 from sidvid_rec.semantic_ids.report import render_markdown
 
 FORMAT = "sidvid_rec.semantic_ids"

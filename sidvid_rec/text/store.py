@@ -18,6 +18,7 @@ import numpy as np
 import safetensors.numpy
 
 from sidvid_rec import storage
+from sidvid_rec.artifacts import check_replaceable
 from sidvid_rec.errors import ArtifactError, UserError
 
 FORMAT = "sidvid_rec.embeddings"
@@ -71,24 +72,6 @@ def _decode(path: str, blob: bytes) -> np.ndarray:
         return safetensors.numpy.load(blob)[_TENSOR].astype(np.float32)
     except Exception as e:  # noqa: BLE001 - any decode failure is a damaged artifact
         raise ArtifactError(f"{path}: not a readable embeddings file ({type(e).__name__})")
-
-
-def check_replaceable(out: str, fmt: str) -> None:
-    """Raises :class:`UserError` unless ``out`` is absent, an empty directory or an earlier
-    artifact of format ``fmt`` (whose ``manifest.json`` says so): writing replaces it whole."""
-    if not storage.exists(out):
-        return
-    manifest = os.path.join(out, "manifest.json")
-    if storage.isdir(out) and not storage.ls(out):
-        return
-    if storage.isdir(out) and storage.exists(manifest):
-        try:
-            if storage.read_json(manifest).get("format") == fmt:
-                return
-        except ArtifactError:
-            pass
-    raise UserError(f"refusing to replace {out}: it exists and is not an earlier {fmt} artifact "
-                    f"(choose a new directory)")
 
 
 def check_output(out: str) -> None:

@@ -14,13 +14,33 @@ state; rank 0 also the replicated dense tensors) into ``.<data>.tmp``; once all 
 done rank 0 renames it into place and only then writes the small record (temp file +
 rename). A checkpoint exists iff its record does, so a process killed at any moment leaves
 the previous checkpoints or the new one, never half of one; orphaned data and temporary
-directories are removed by the next save. The data directory must be on a file system every
-rank sees (one machine, or shared storage).
+directories are removed by the next save. A save that fails (disk full, read-only directory)
+removes its own temporaries and raises one :class:`~sidvid_rec.errors.ArtifactError` on every
+rank. The data directory must be on a file system every rank sees (one machine, or shared
+storage).
 
 **Record** (``torch.save`` of plain Python values, read back with ``weights_only=True``):
 the config fingerprint (a checkpoint of another model is refused in one line), the data
-position (epochs done, batches of the next epoch done, optimizer steps), the trainer state
-(early stopping, history), and the world size and sharding that wrote it.
+fingerprint (a checkpoint whose training data changed since is refused), the data position
+(epochs done, batches of the next epoch done, optimizer steps), the trainer state (early
+stopping, history), the world size and sharding that wrote it, and the sha256 of every file
+of its data directory (the manifest, written by rank 0 between the last shard and the commit).
+
+**Trust model.** A run directory may come from someone else, and torch.distributed.checkpoint
+stores its ``.metadata`` as a pickle, which ``FileSystemReader`` would load with ``pickle.load``
+(running whatever code it names). So, before DCP opens anything, every file of the data
+directory is checked against the record's manifest (a missing, extra, truncated or modified
+file is refused in one line), and ``.metadata`` is then read by :class:`SafeFileSystemReader`,
+whose unpickler builds only the classes a DCP ``Metadata`` is made of; any other global is
+refused. The manifest is not signed: it catches accidents (a cut-short copy, a full disk, a
+file edited or swapped by hand), not someone who rewrites the files and their hashes alike.
+What stops code execution is the restricted unpickler, together with loading only tensors
+(shards are read with ``torch.load(weights_only=True)``; DCP would read a non-tensor entry with
+``weights_only=False``, so a state holding one is refused). Records are read with
+``weights_only=True``. Records written before the manifest existed (version 2) are refused
+unless ``SIDVID_ALLOW_UNVERIFIED_CHECKPOINTS=1`` is set (the restricted unpickler still applies).
+Hashing reads every byte once more (rank 0 when saving, each loading process when loading); a
+file swapped between the check and DCP's read escapes the manifest, not the unpickler.
 
 **Resharding.** ``torch.distributed.checkpoint.load`` fills the *current* model's shards from
 whatever shards were saved, so a run resumes on another number of ranks or sharding. The one
@@ -29,30 +49,40 @@ whose size depends on the world size; such a mismatch is refused with the shapes
 """
 
 import dataclasses
+import functools
 import hashlib
+import importlib
 import json
 import os
+import pickle
 import re
 import uuid
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import IO, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 
-from sidvid_rec import storage
+from sidvid_rec import artifacts, storage
 from sidvid_rec.config import Config
-from sidvid_rec.errors import ArtifactError
-from sidvid_rec.process_group import DistContext, barrier
+from sidvid_rec.errors import ArtifactError, UserError
+from sidvid_rec.process_group import DistContext
 
 RECORD_FORMAT = "sidvid_rec.checkpoint"
-RECORD_VERSION = 2
+RECORD_VERSION = 3
+_LEGACY_VERSIONS = (2,)
+"""Record versions still read: written before the manifest and the data fingerprint."""
+ALLOW_UNVERIFIED_ENV = "SIDVID_ALLOW_UNVERIFIED_CHECKPOINTS"
+"""Set to ``1`` to load a checkpoint that has no manifest (a version-2 record) without verification."""
 BEST = "best"
 _RECORD = re.compile(r"^(epoch|step)-(\d+)\.pt$")
+_DATA_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*\.dcp$")
+"""A data directory is a plain name inside ``checkpoints/`` (a record cannot point elsewhere)."""
 
 
 def model_fingerprint(cfg: Config, num_items: int) -> str:
@@ -86,6 +116,13 @@ class CheckpointRecord:
     """Anything else the trainer needs to continue (e.g. the epoch's running loss)."""
     data: str = ""
     """Name of the data directory inside ``checkpoints/`` (set when saved)."""
+    files: Optional[Dict[str, str]] = None
+    """sha256 of every file of the data directory, by relative path (set when saved; None in
+    version-2 records, which are loaded only on request, see :data:`ALLOW_UNVERIFIED_ENV`)."""
+    data_fingerprint: str = ""
+    """``SequenceData.fingerprint`` of the training data, set by the caller. Empty in records
+    written before it existed (or by a caller that does not pass it): those are accepted
+    whatever data the reader has."""
 
 
 # ----------------------------------------------------------------------------- paths
@@ -141,8 +178,11 @@ def _write_record(path: str, record: CheckpointRecord) -> None:
         torch.save(payload, f)
 
 
-def read_record(path: str, expected_fingerprint: Optional[str] = None) -> CheckpointRecord:
-    """Reads a commit record; refuses a missing or foreign file and another model's checkpoint."""
+def read_record(path: str, expected_fingerprint: Optional[str] = None,
+                expected_data_fingerprint: Optional[str] = None) -> CheckpointRecord:
+    """Reads a commit record; refuses a missing or foreign file, another model's checkpoint and,
+    when ``expected_data_fingerprint`` is given, one trained on other data (records without a
+    data fingerprint are accepted: they predate it)."""
     if not storage.exists(path):
         raise ArtifactError(f"checkpoint not found: {path}")
     try:
@@ -152,15 +192,23 @@ def read_record(path: str, expected_fingerprint: Optional[str] = None) -> Checkp
         raise ArtifactError(f"cannot read checkpoint {path}: {type(e).__name__}")
     if not isinstance(payload, dict) or payload.get("format") != RECORD_FORMAT:
         raise ArtifactError(f"{path} is not a sidvid-rec checkpoint record (an older format? train again)")
-    if payload.get("version") != RECORD_VERSION:
+    if payload.get("version") not in (RECORD_VERSION, *_LEGACY_VERSIONS):
         raise ArtifactError(f"{path}: checkpoint version {payload.get('version')} is not supported "
                             f"(expected {RECORD_VERSION})")
     names = {f.name for f in dataclasses.fields(CheckpointRecord)}
-    record = CheckpointRecord(**{k: v for k, v in payload.items() if k in names})
+    try:
+        record = CheckpointRecord(**{k: v for k, v in payload.items() if k in names})
+    except TypeError as e:  # a field missing from a hand-made record
+        raise ArtifactError(f"{path} is not a complete checkpoint record ({e})")
     if expected_fingerprint is not None and record.fingerprint != expected_fingerprint:
         raise ArtifactError(
             f"checkpoint {path} was written for another model/data config "
             f"(fingerprint {record.fingerprint} != {expected_fingerprint})"
+        )
+    if expected_data_fingerprint and record.data_fingerprint and record.data_fingerprint != expected_data_fingerprint:
+        raise ArtifactError(
+            f"checkpoint {path}: the data changed since training (data fingerprint then "
+            f"{record.data_fingerprint}, now {expected_data_fingerprint}); train again on the current data"
         )
     return record
 
@@ -180,33 +228,113 @@ def save_checkpoint(run_dir: str, state: Dict[str, Any], record: CheckpointRecor
                     is_best: bool = False, keep: int = 2) -> str:
     """Writes ``state`` (nested dicts of tensors / ShardedTensors) and commits ``record``.
 
-    Collective: every rank calls it with its own ``state``. Returns the record's path.
+    Collective: every rank calls it with its own ``state``. Returns the record's path. When any
+    rank fails to write (disk full, read-only directory ...) every rank raises one
+    :class:`ArtifactError` and this save leaves nothing behind (earlier checkpoints stay).
 
     Args:
         run_dir: the run directory (``checkpoints/`` inside it).
         state: what ``torch.distributed.checkpoint.save`` writes (each rank its shards).
-        record: position and trainer state; ``record.name`` names the checkpoint.
+        record: position and trainer state; ``record.name`` names the checkpoint. Set
+            ``record.data_fingerprint`` so that a later load can refuse changed data.
         is_best: also point ``best.pt`` at this checkpoint.
         keep: epoch records kept (and mid-epoch records newer than the last epoch record).
     """
+    leaves = _non_tensor_leaves(state)
+    if leaves:  # they would be stored as pickles that only an unrestricted torch.load reads back
+        raise TypeError(f"checkpoint state must hold only tensors; not tensors: {leaves[:5]}")
     directory = storage.expand(checkpoint_dir(run_dir))
     data = f"{record.name}.{_shared_tag(ctx)}.dcp"
     tmp = os.path.join(directory, f".{data}.tmp")
-    if ctx.is_main:
-        storage.mkdirs(tmp)
-    barrier(ctx)
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp))
-    barrier(ctx)
     path = os.path.join(directory, f"{record.name}.pt")
-    if ctx.is_main:
-        storage.replace(tmp, os.path.join(directory, data))
-        record = dataclasses.replace(record, data=data)
-        _write_record(path, record)
-        if is_best:
-            _write_record(os.path.join(directory, f"{BEST}.pt"), dataclasses.replace(record, name=BEST))
-        collect_garbage(directory, keep)
-    barrier(ctx)
+    what = f"checkpoint {record.name} to {directory}"
+    drop_tmp = functools.partial(storage.remove_tree, tmp)
+    _on_all_ranks(ctx, functools.partial(storage.mkdirs, tmp) if ctx.is_main else _nothing, what, drop_tmp)
+    _on_all_ranks(ctx, functools.partial(dcp.save, state, storage_writer=dcp.FileSystemWriter(tmp)), what, drop_tmp)
+    commit = functools.partial(_commit, directory, tmp, data, path, record, is_best, keep)
+    _on_all_ranks(ctx, commit if ctx.is_main else _nothing, what, _nothing)  # _commit cleans up after itself
     return path
+
+
+def _nothing() -> None:
+    """What a rank that has no part in a phase of the save runs."""
+
+
+def _commit(directory: str, tmp: str, data: str, path: str, record: CheckpointRecord, is_best: bool,
+            keep: int) -> None:
+    """Rank 0, once every shard is written: hashes the data, moves it into place, writes the record.
+
+    Writing the record is the commit; if anything before it fails, the data is removed again
+    (no record names it: its tag is new), so a failed save leaves the directory as it was.
+    """
+    final = os.path.join(directory, data)
+    try:
+        files = artifacts.file_hashes(tmp, artifacts.list_files(tmp, exclude=()))
+        storage.replace(tmp, final)
+        record = dataclasses.replace(record, data=data, files=files)
+        _write_record(path, record)
+    except BaseException:
+        storage.remove_tree(tmp)
+        storage.remove_tree(final)
+        raise
+    if is_best:
+        _write_record(os.path.join(directory, f"{BEST}.pt"), dataclasses.replace(record, name=BEST))
+    collect_garbage(directory, keep)
+
+
+def _on_all_ranks(ctx: DistContext, step: Callable[[], Any], what: str, cleanup: Callable[[], None]) -> None:
+    """Runs ``step`` on this rank; if it failed on any rank, rank 0 runs ``cleanup`` and all raise.
+
+    The exchange of outcomes is also the barrier between the phases of a save, and it keeps a
+    rank that failed alone from leaving the others waiting in the next collective. Any exception
+    counts: a full disk reaches us as a ``RuntimeError`` of torch's zip writer, not an OSError.
+    """
+    error: Optional[str] = None
+    cause: Optional[BaseException] = None
+    try:
+        step()
+    except (Exception, CheckpointException) as e:  # noqa: BLE001  (CheckpointException is a BaseException)
+        error, cause = _describe(e), e
+    errors: List[Optional[str]] = [error]
+    if ctx.world_size > 1:
+        errors = [None] * ctx.world_size
+        dist.all_gather_object(errors, error)
+    failed = [(rank, text) for rank, text in enumerate(errors) if text is not None]
+    if failed:
+        if ctx.is_main:
+            cleanup()
+        rank, text = failed[0]
+        where = f" on rank {rank}" if ctx.world_size > 1 else ""
+        raise ArtifactError(f"cannot write {what}{where} (is the disk full or read-only?): {text}") from cause
+
+
+def _describe(e: BaseException) -> str:
+    """``Type: first line`` of an exception, looking inside DCP's per-rank ``CheckpointException``."""
+    e = _unwrap(e)
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """The first rank's original exception of a ``CheckpointException`` (``failures``: rank -> (exc, tb))."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
+        inner = first[0] if isinstance(first, tuple) and first else first
+        if isinstance(inner, BaseException):
+            return inner
+    return e
+
+
+def _non_tensor_leaves(state: Dict[str, Any], prefix: str = "") -> List[str]:
+    """Dotted keys of the leaves of ``state`` that are not tensors."""
+    out: List[str] = []
+    for key, value in state.items():
+        if isinstance(value, dict):
+            out += _non_tensor_leaves(value, f"{prefix}{key}.")
+        elif not isinstance(value, (torch.Tensor, ShardedTensor)):
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def collect_garbage(directory: str, keep: int = 2) -> None:
@@ -254,12 +382,118 @@ def flatten_keys(state: Dict[str, Any], prefix: str = "") -> Dict[str, torch.Siz
     return out
 
 
-def _check_shapes(directory: str, state: Dict[str, Any], path: str) -> None:
-    """Every tensor of ``state`` must be in the checkpoint with the same global shape."""
-    try:
-        saved = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
-    except Exception as e:  # noqa: BLE001
-        raise ArtifactError(f"checkpoint {path}: its data {directory} is unreadable ({type(e).__name__})")
+_METADATA_GLOBALS = frozenset({
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),  # torch.strided & co. pickle as _get_layout("torch.strided")
+    *((module, name) for module in ("pathlib", "pathlib._local")  # StorageMeta.checkpoint_id
+      for name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")),
+    ("collections", "OrderedDict"),
+})
+"""The globals a DCP ``Metadata`` pickle refers to: data classes, enums and harmless constructors."""
+_DTYPES = frozenset(name for name, value in vars(torch).items() if isinstance(value, torch.dtype))
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP ``.metadata`` file and nothing else: any global outside the allow-list
+    (a function such as ``os.system``, a class with side effects) is refused, so a crafted
+    file cannot run code. Names are matched exactly, so no dotted path reaches further."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_GLOBALS:
+            return getattr(importlib.import_module(module), name)
+        if module == "torch" and name in _DTYPES:
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (not part of checkpoint metadata)")
+
+
+def load_metadata(f: IO[bytes]) -> Metadata:
+    """A DCP ``Metadata`` from an open ``.metadata`` file, through :class:`_MetadataUnpickler`."""
+    metadata = _MetadataUnpickler(f).load()
+    if not isinstance(metadata, Metadata):
+        raise pickle.UnpicklingError(f"holds a {type(metadata).__name__}, not checkpoint metadata")
+    return metadata
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """``FileSystemReader`` whose metadata goes through the restricted unpickler, not ``pickle.load``.
+
+    Errors are one-line :class:`ArtifactError` s. Shards are read by the base class, with
+    ``torch.load(weights_only=True)``.
+    """
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        rank = kwargs.get("rank")  # DCP passes it when ranks wrote their own metadata files
+        path = os.path.join(self.path, ".metadata" if rank is None else f"__{rank}.metadata")
+        try:
+            with self.fs.create_stream(path, "rb") as f:
+                metadata = load_metadata(f)
+        except Exception as e:  # noqa: BLE001  (a refused global, a truncated or foreign file)
+            raise ArtifactError(f"checkpoint data {path} is unreadable ({_describe(e)})")
+        # As FileSystemReader.read_metadata does: DCP keys this load by the reader's id.
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _unverified_allowed() -> bool:
+    return os.environ.get(ALLOW_UNVERIFIED_ENV, "") == "1"
+
+
+def verify_data(path: str, record: CheckpointRecord) -> str:
+    """The data directory of record ``path``, once each of its files matches the record's manifest.
+
+    Runs before torch.distributed.checkpoint opens any of them: a missing, extra, truncated or
+    modified file is refused in one line. A record without a manifest (written before it
+    existed) is refused unless :data:`ALLOW_UNVERIFIED_ENV` is ``1``.
+    """
+    if not isinstance(record.data, str) or not _DATA_NAME.match(record.data):
+        raise ArtifactError(f"checkpoint {path}: bad data directory name {record.data!r}")
+    directory = data_path(path, record)
+    if not storage.exists(os.path.join(directory, ".metadata")):
+        raise ArtifactError(f"checkpoint {path}: its data directory {directory} is missing or incomplete")
+    if record.files is None:
+        if _unverified_allowed():
+            return directory
+        raise ArtifactError(f"checkpoint {path} has no sha256 manifest (written by an older sidvid-rec), so its "
+                            f"data cannot be verified: train again, or set {ALLOW_UNVERIFIED_ENV}=1 to load it "
+                            "unverified if you trust where it came from")
+    if not isinstance(record.files, dict) or not all(isinstance(v, str) for v in record.files.values()):
+        raise ArtifactError(f"checkpoint {path}: its manifest is malformed")
+    found = set(artifacts.list_files(directory, exclude=()))
+    missing, extra = sorted(set(record.files) - found), sorted(found - set(record.files))
+    if missing or extra:
+        raise ArtifactError(f"checkpoint {path}: its data {directory} does not match the manifest "
+                            f"(missing {missing[:5]}, unexpected {extra[:5]}); refusing to load it")
+    for rel in sorted(record.files):
+        try:
+            digest = storage.sha256_file(os.path.join(directory, rel))
+        except OSError as e:
+            raise ArtifactError(f"checkpoint {path}: cannot read {rel} of its data ({_describe(e)})")
+        if digest != record.files[rel]:
+            raise ArtifactError(f"checkpoint {path}: {rel} of its data differs from the sha256 recorded when it "
+                                "was saved (truncated, corrupted or modified); refusing to load it")
+    return directory
+
+
+def _read_metadata(directory: str) -> Metadata:
+    return SafeFileSystemReader(directory).read_metadata()
+
+
+def _check_shapes(metadata: Metadata, state: Dict[str, Any], path: str) -> None:
+    """Every leaf of ``state`` must be a tensor in the checkpoint with the same global shape.
+
+    Only tensors: DCP fills any other leaf with ``torch.load(weights_only=False)`` of the saved
+    bytes, which would run code from a crafted checkpoint.
+    """
+    leaves = _non_tensor_leaves(state)
+    if leaves:
+        raise TypeError(f"only tensors are loaded from checkpoints; not tensors: {leaves[:5]}")
+    saved = metadata.state_dict_metadata
     for key, shape in flatten_keys(state).items():
         meta = saved.get(key)
         if not isinstance(meta, TensorStorageMetadata):
@@ -271,44 +505,62 @@ def _check_shapes(directory: str, state: Dict[str, Any], path: str) -> None:
             )
 
 
-def load_checkpoint(path: str, state: Dict[str, Any], expected_fingerprint: Optional[str] = None) -> CheckpointRecord:
+def _dcp_load(state: Dict[str, Any], directory: str, path: str, no_dist: bool = False) -> None:
+    """``dcp.load`` through :class:`SafeFileSystemReader`; its failures become one line.
+
+    The manifest normally refuses a damaged directory first; this covers unverified checkpoints
+    and files that change while being read. ``state`` may be partly filled when it fails.
+    """
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            if no_dist:
+                warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=SafeFileSystemReader(directory), no_dist=no_dist)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001  (CheckpointException is a BaseException)
+        inner = _unwrap(e)
+        if isinstance(inner, UserError):
+            raise inner
+        raise ArtifactError(f"checkpoint {path}: cannot load its data {directory} ({_describe(e)})")
+
+
+def load_checkpoint(path: str, state: Dict[str, Any], expected_fingerprint: Optional[str] = None,
+                    expected_data_fingerprint: Optional[str] = None) -> CheckpointRecord:
     """Fills ``state`` in place from the checkpoint of record ``path`` (collective); returns the record.
 
     ``state`` holds the current (possibly sharded) tensors; each rank reads the parts its
-    shards need, whatever world size wrote them. Nothing is loaded when a check fails.
+    shards need, whatever world size wrote them. Nothing is loaded when a check fails: the
+    fingerprints (:func:`read_record`), the manifest (:func:`verify_data`), the metadata and
+    the shapes are all checked first.
     """
-    record = read_record(path, expected_fingerprint)
-    directory = data_path(path, record)
-    if not storage.exists(os.path.join(directory, ".metadata")):
-        raise ArtifactError(f"checkpoint {path}: its data directory {directory} is missing or incomplete")
-    _check_shapes(directory, state, path)
-    dcp.load(state, storage_reader=dcp.FileSystemReader(directory))
+    record = read_record(path, expected_fingerprint, expected_data_fingerprint)
+    directory = verify_data(path, record)
+    _check_shapes(_read_metadata(directory), state, path)
+    _dcp_load(state, directory, path)
     return record
 
 
-def load_model_weights(path: str, model: torch.nn.Module, expected_fingerprint: Optional[str] = None) -> CheckpointRecord:
+def load_model_weights(path: str, model: torch.nn.Module, expected_fingerprint: Optional[str] = None,
+                       expected_data_fingerprint: Optional[str] = None) -> CheckpointRecord:
     """Loads only the model part of a checkpoint into a (DMP) model; returns the record."""
     state = {"model": model.state_dict()}
-    record = load_checkpoint(path, state, expected_fingerprint)
+    record = load_checkpoint(path, state, expected_fingerprint, expected_data_fingerprint)
     model.load_state_dict(state["model"])
     return record
 
 
-def read_full_tensors(path: str, prefix: str = "model.", expected_fingerprint: Optional[str] = None
+def read_full_tensors(path: str, prefix: str = "model.", expected_fingerprint: Optional[str] = None,
+                      expected_data_fingerprint: Optional[str] = None
                       ) -> Tuple[CheckpointRecord, Dict[str, torch.Tensor]]:
     """Full (gathered) tensors under ``prefix`` of a checkpoint, in this process alone.
 
     Reads every rank's shard files; needs no process group and no model. Keys are returned
-    without ``prefix`` (``embeddings.ebc.embedding_bags.item_id.weight`` ...).
+    without ``prefix`` (``embeddings.ebc.embedding_bags.item_id.weight`` ...). Checked as
+    :func:`load_checkpoint` checks.
     """
-    record = read_record(path, expected_fingerprint)
-    directory = data_path(path, record)
-    if not storage.exists(os.path.join(directory, ".metadata")):
-        raise ArtifactError(f"checkpoint {path}: its data directory {directory} is missing or incomplete")
-    saved = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
+    record = read_record(path, expected_fingerprint, expected_data_fingerprint)
+    directory = verify_data(path, record)
+    saved = _read_metadata(directory).state_dict_metadata
     tensors = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in saved.items()
                if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(tensors, storage_reader=dcp.FileSystemReader(directory), no_dist=True)
+    _dcp_load(tensors, directory, path, no_dist=True)
     return record, {key[len(prefix):]: value for key, value in tensors.items()}

@@ -139,6 +139,7 @@ class Trainer:
         self.model = build_sharded_model(cfg, data, ctx)
         self.optimizers = build_optimizers(self.model, cfg.train)
         self.fingerprint = ckpt.model_fingerprint(cfg, data.num_items)
+        self.data_fingerprint = data.fingerprint
         self.generator = torch.Generator(device="cpu")
         _seed_streams(cfg, ctx.rank, 0, self.generator)
         self.state, self.position = TrainState(), Position()
@@ -231,16 +232,17 @@ class Trainer:
             name=name, fingerprint=self.fingerprint, epoch=self.state.epoch, batch=position.batch,
             step=self.state.step, world_size=self.ctx.world_size, sharding=self.cfg.train.sharding,
             train_state=asdict(self.state), extra={"loss_sum": position.loss_sum, "loss_count": position.loss_count},
+            data_fingerprint=self.data_fingerprint,
         )
         ckpt.save_checkpoint(self.run_dir, self._checkpoint_state(), record, self.ctx, is_best=is_best)
 
     def _restore(self, path: str) -> None:
         """Loads a checkpoint into the live model/optimizers (any world size) and continues from it."""
         ctx = self.ctx
-        record = ckpt.read_record(path, self.fingerprint)
+        record = ckpt.read_record(path, self.fingerprint, self.data_fingerprint)
         same_ranks = record.world_size == ctx.world_size
         state = self._checkpoint_state(with_rng=same_ranks)
-        ckpt.load_checkpoint(path, state, self.fingerprint)
+        ckpt.load_checkpoint(path, state, self.fingerprint, self.data_fingerprint)
         self.model.load_state_dict(state["model"])
         self.optimizers.load_checkpoint_state(state["optim"])
         if same_ranks:
@@ -294,7 +296,8 @@ def finalize(cfg: Config, run_dir: str, ctx: DistContext) -> Dict[str, Dict[str,
     """Evaluates the best checkpoint on every split and writes ``metrics.json``."""
     data = load_sequences(cfg.data)
     model = build_sharded_model(cfg, data, ctx)
-    record = ckpt.load_model_weights(ckpt.best_checkpoint(run_dir), model, ckpt.model_fingerprint(cfg, data.num_items))
+    record = ckpt.load_model_weights(ckpt.best_checkpoint(run_dir), model, ckpt.model_fingerprint(cfg, data.num_items),
+                                     data.fingerprint)
     splits = ["valid", "test"] if cfg.data.protocol == "loo" else ["test"]
     results = {s: evaluate_model(model, make_split(data, s, cfg.data.protocol, cfg.data.max_len), cfg, ctx)
                for s in splits}
