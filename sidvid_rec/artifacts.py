@@ -16,6 +16,7 @@ Example::
 
 import hashlib
 import os
+import stat
 from typing import Any, Dict, Iterable, List, Optional
 
 from sidvid_rec import storage
@@ -62,6 +63,28 @@ def read_manifest(path: str, fmt: str, version: int, what: str, hint: str = "") 
     return manifest
 
 
+MAX_FILE_BYTES = 1 << 34
+"""Largest file a manifest may name (16 GiB): a crafted manifest cannot make a reader fill memory."""
+
+
+def _member(directory: str, rel: object, what: str) -> str:
+    """``directory/rel`` for a plain relative name inside ``directory``; anything else (absolute,
+    ``..``, empty, not a string) is refused, so a manifest cannot make a reader open other files."""
+    parts = rel.split("/") if isinstance(rel, str) else []
+    if not parts or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
+        raise ArtifactError(f"{what}: the manifest names {rel!r}, not a plain file name inside it")
+    return os.path.join(directory, *parts)
+
+
+def _check_regular(path: str, rel: str, what: str) -> None:
+    """Refuses links, FIFOs, devices and directories: reading a FIFO would hang the reader."""
+    if "://" in path:  # remote storage has only regular objects
+        return
+    st = os.lstat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ArtifactError(f"{what}: {rel} is not a regular file")
+
+
 def read_verified(directory: str, expected: Dict[str, str], what: str,
                   allow_extra: Optional[Iterable[str]] = None) -> Dict[str, bytes]:
     """Every file of ``expected`` (``{relative path: sha256}``), read once and checked.
@@ -71,12 +94,17 @@ def read_verified(directory: str, expected: Dict[str, str], what: str,
     ``directory`` that the manifest does not list. Nothing is returned unless all pass.
     """
     blobs: Dict[str, bytes] = {}
+    if not isinstance(expected, dict):
+        raise ArtifactError(f"{what}: the manifest's file list is malformed")
     for rel, digest in sorted(expected.items()):
-        path = os.path.join(directory, rel)
+        path = _member(directory, rel, what)
         if not storage.exists(path):
             raise ArtifactError(f"{what} is incomplete: missing {rel}")
+        _check_regular(path, rel, what)
         with storage.open_file(path, "rb") as f:
-            blob = f.read()
+            blob = f.read(MAX_FILE_BYTES + 1)
+        if len(blob) > MAX_FILE_BYTES:
+            raise ArtifactError(f"{what}: {rel} is larger than {MAX_FILE_BYTES} bytes")
         if sha256_bytes(blob) != digest:
             raise ArtifactError(f"{what}: {rel} does not match its sha256 in {MANIFEST_FILE} "
                                 f"(sha256 differs: file changed or damaged)")

@@ -200,3 +200,21 @@ def test_export_never_replaces_what_it_did_not_write(exported, tmp_path, capsys)
     again = tmp_path / "again"
     assert main(["export", str(exported["run"]), "--out", str(again)]) == 0
     assert main(["export", str(exported["run"]), "--out", str(again)]) == 0  # its own earlier export
+
+
+@pytest.mark.parametrize("name", ["../outside.bin", "/etc/hostname", "fifo"])
+def test_manifest_names_only_regular_files_inside_the_export(exported, tmp_path, capsys, name):
+    """A manifest naming a path outside the export, an absolute path or a FIFO is refused in one
+    line before anything is opened (a FIFO would hang ``retrieve``)."""
+    import shutil
+
+    crafted = tmp_path / "crafted"
+    shutil.copytree(exported["out"], crafted)
+    (tmp_path / "outside.bin").write_bytes(b"secret")
+    if name == "fifo":
+        os.mkfifo(crafted / "fifo")
+    manifest = json.loads((crafted / "manifest.json").read_text())
+    manifest["files"][name] = "0" * 64
+    (crafted / "manifest.json").write_text(json.dumps(manifest))
+    err = _error(capsys, ["retrieve", str(crafted), "--history", "1"])
+    assert "not a plain file name inside it" in err or "is not a regular file" in err, err
