@@ -246,7 +246,7 @@ def trainer_loop(config: str, data_path: str, data_format: str, cache_dir: str, 
     tokens = int(np.diff(split.offsets).sum()) - split.num_examples  # inputs: every item but the last
     epoch_s: List[float] = []
     epoch_cpu_s: List[float] = []
-    original = trainer._train_epoch
+    original = trainer.Trainer._train_epoch
 
     def timed_epoch(*args: Any, **kwargs: Any) -> float:
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -255,7 +255,7 @@ def trainer_loop(config: str, data_path: str, data_format: str, cache_dir: str, 
         epoch_cpu_s.append(time.process_time() - cpu_start)
         return loss
 
-    trainer._train_epoch = timed_epoch  # run_training looks it up at call time
+    trainer.Trainer._train_epoch = timed_epoch  # Trainer.fit looks it up at call time (self comes first in args)
     start = time.perf_counter()
     metrics = trainer.run_training(cfg, run_dir)
     return {"epoch_s": epoch_s, "epoch_cpu_s": epoch_cpu_s, "tokens_per_epoch": tokens, "sequences_per_epoch": split.num_examples,
