@@ -501,16 +501,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
     cfg = Config()
     if path:
         resolved = resolve_config_path(path)
-        with storage.open_file(resolved, "r") as f:
-            try:
-                raw = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{resolved}: not valid YAML ({str(e).splitlines()[0]})")
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{resolved}: expected a mapping of sections")
-        for section, values in raw.items():
-            if not isinstance(values, dict):
-                raise ConfigError(f"{resolved}: section {section!r} must be a mapping")
+        for section, values in _read_sections(resolved, ConfigError).items():
             for key, value in values.items():
                 _apply(cfg, section, key, value, resolved)
     for text in overrides or []:
@@ -526,12 +517,37 @@ def narrow(section: Any, cls: Type[T]) -> T:
     return cls(**{f.name: getattr(section, f.name) for f in dataclasses.fields(cls)})
 
 
-def config_from_dict(raw: Dict[str, Dict[str, Any]]) -> Config:
+def _read_sections(path: str, error: Type[Exception]) -> Dict[str, Dict[str, Any]]:
+    """A YAML file of ``{section: {key: value}}``; anything else raises ``error`` in one line."""
+    if storage.isdir(path):
+        raise error(f"{path} is a directory, not a YAML config file")
+    with storage.open_file(path, "rb") as f:
+        data = f.read()
+    try:
+        raw = yaml.safe_load(data.decode("utf-8")) or {}
+    except UnicodeDecodeError:
+        raise error(f"{path}: not a YAML text file (it is not UTF-8)")
+    except (yaml.YAMLError, RecursionError) as e:
+        raise error(f"{path}: not valid YAML ({(str(e).splitlines() or ['nested too deeply'])[0]})")
+    _check_sections(raw, path, error)
+    return raw
+
+
+def _check_sections(raw: Any, where: str, error: Type[Exception]) -> None:
+    if not isinstance(raw, dict):
+        raise error(f"{where}: expected a mapping of sections, got {type(raw).__name__}")
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            raise error(f"{where}: section {section!r} must be a mapping")
+
+
+def config_from_dict(raw: Dict[str, Dict[str, Any]], where: str = "saved config") -> Config:
     """Rebuilds a :class:`Config` saved with :meth:`Config.to_dict` (e.g. a run's config.yaml)."""
+    _check_sections(raw, where, ArtifactError)
     cfg = Config()
     for section, values in raw.items():
         for key, value in values.items():
-            _apply(cfg, section, key, value, "saved config")
+            _apply(cfg, section, key, value, where)
     _validate(cfg)
     return cfg
 
@@ -547,6 +563,33 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(plain(cfg.to_dict()), sort_keys=False)
 
 
+LOCAL_PATH_FIELDS = (("data", "path"), ("data", "cache_dir"), ("sids", "embed_cache_dir"), ("sids", "dir"))
+"""Fields naming local files or directories (``sids.encoder`` too, when it is a directory)."""
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with every relative local path made absolute against the current directory.
+
+    A run directory's ``config.yaml`` is read by later commands from anywhere (``evaluate``
+    from another directory, a serving host), so training stores paths that mean the same
+    there. Empty values (defaults), ``~`` paths and URLs (``s3://``, iopath backends) stay
+    as typed; ``sids.encoder`` changes only when it names an existing directory.
+    """
+    raw = cfg.to_dict()
+    for section, key in LOCAL_PATH_FIELDS:
+        raw[section][key] = _absolute(raw[section][key])
+    encoder = raw["sids"]["encoder"]
+    if os.path.isdir(encoder):
+        raw["sids"]["encoder"] = _absolute(encoder)
+    return config_from_dict(raw)
+
+
+def _absolute(path: str) -> str:
+    if not path or "://" in path or path.startswith("~") or os.path.isabs(path):
+        return path
+    return os.path.abspath(path)
+
+
 RUN_OVERRIDE_SECTIONS = ("eval", "retrieval")
 """What a command reading a trained run may change: nothing that shapes the model."""
 
@@ -557,8 +600,7 @@ def load_run_config(run_dir: str, overrides: Sequence[str] = (), command: str = 
     path = os.path.join(run_dir, "config.yaml")
     if not storage.exists(path):
         raise ArtifactError(f"{run_dir} is not a run directory (no config.yaml)")
-    with storage.open_file(path, "r") as f:
-        raw = config_from_dict(yaml.safe_load(f)).to_dict()
+    raw = config_from_dict(_read_sections(path, ArtifactError), path).to_dict()
     for text in overrides:
         section, key, value = parse_override(text)
         if section not in RUN_OVERRIDE_SECTIONS:

@@ -19,7 +19,7 @@ import shutil
 import socket
 import time
 import uuid
-from typing import Any, Iterator, IO, Optional
+from typing import Any, Dict, Iterator, IO, Optional
 
 from iopath.common.file_io import PathManager
 
@@ -259,11 +259,24 @@ def write_json(path: str, obj: Any) -> None:
 def read_json(path: str) -> Any:
     if not exists(path):
         raise ArtifactError(f"missing file: {path}")
-    with open_file(path, "r") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ArtifactError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})")
+    with open_file(path, "rb") as f:
+        raw = f.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{path} is not a JSON text file (it is not UTF-8)")
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})")
+    except RecursionError:
+        raise ArtifactError(f"{path} is not valid JSON (nested too deeply)")
+
+
+def read_json_object(path: str) -> Dict[str, Any]:
+    """:func:`read_json` of a file that must hold a JSON object (manifests, stamps, records)."""
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise ArtifactError(f"{path} is not a JSON object")
+    return value
 
 
 @contextlib.contextmanager

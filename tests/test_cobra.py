@@ -249,9 +249,17 @@ def test_cli_train_and_evaluate(tmp_path, cache_dir):
     assert rc == 0
     metrics = json.load(open(tmp_path / "run" / "metrics.json"))
     assert set(metrics["test"]) == {"hr@1", "hr@10", "ndcg@10", "mrr", "count"} and metrics["test"]["count"] == 610
+    recorded = (tmp_path / "run" / "metrics.json").read_bytes()
     assert main(["evaluate", run, "--decoder", "beam", "eval.beam_size=2", "eval.beam_ann=10"]) == 0
-    beam = json.load(open(tmp_path / "run" / "metrics.json"))["test"]
+    # The training-time record stays; each decoder's result is kept beside it, by settings.
+    assert (tmp_path / "run" / "metrics.json").read_bytes() == recorded
+    evaluations = json.load(open(tmp_path / "run" / "evaluations.json"))
+    beam_keys = [k for k in evaluations if k.startswith("beam-")]
+    assert len(beam_keys) == 1 and evaluations[beam_keys[0]]["settings"]["eval"]["beam_size"] == 2
+    beam = evaluations[beam_keys[0]]["test"]
     assert 0.0 <= beam["hr@1"] <= beam["hr@10"] <= 1.0 and beam["count"] == 610
+    direct = [v for k, v in evaluations.items() if k.startswith("direct-")]
+    assert len(direct) == 1 and direct[0]["test"] == metrics["test"]
 
 
 def test_sid_dedup_appends_the_disambiguation_code(tmp_path, cache_dir):

@@ -220,7 +220,7 @@ _IN_TMPFS = textwrap.dedent("""
     for root, dirs, names in os.walk(mnt):
         for name in dirs + names:
             path = os.path.join(root, name)
-            files[os.path.relpath(path, mnt)] = None if os.path.isdir(path) else open(path).read()
+            files[os.path.relpath(path, mnt)] = None if os.path.isdir(path) else open(path, errors="replace").read()
     print(json.dumps({"rc": proc.returncode, "stderr": proc.stderr, "files": files}))
 """)
 
@@ -271,3 +271,42 @@ def test_full_disk_in_atomic_open_is_an_artifact_error(tmp_path):
     assert result["stderr"].strip().endswith("out.json: No space left on device"), result["stderr"]
     assert result["stderr"].startswith("ArtifactError: cannot write ")
     assert result["files"] == {"out.json": "{}"}
+
+
+_TRAIN_TINY = ["data.max_len=20", "model.dim=16", "model.dqk=8", "model.dv=8", "model.num_blocks=1",
+               "loss.num_negatives=16", "train.batch_size=128", "train.epochs=1", "train.max_steps=1",
+               "eval.batch_size=610", "train.device=cpu"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny run (and its cache) outside any tmpfs, for exports into a full disk."""
+    root = tmp_path_factory.mktemp("enospc")
+    done = _cli(["train", "--run-dir", str(root / "run"), f"data.cache_dir={root / 'cache'}", *_TRAIN_TINY])
+    assert done.returncode == 0, done.stderr
+    return root
+
+
+@pytest.mark.parametrize("command", ["train", "export", "embed"])
+def test_full_disk_during_train_export_embed_is_one_line_and_leaves_no_temporary(tmp_path, trained_run, command):
+    """Each writes more than the 64 KiB tmpfs holds: one stderr line, exit 2, and nothing of the
+    half-written output left behind (no ``.dcp.tmp``, no ``.NAME.tmp-*``)."""
+    cache = f"data.cache_dir={trained_run / 'cache'}"
+    argv = {
+        "train": ["train", "--run-dir", "out", cache, *_TRAIN_TINY],
+        "export": ["export", str(trained_run / "run"), "--out", "out"],
+        "embed": ["embed", "--out", "out", "--no-progress", cache, "sids.encoder=tfidf", "sids.tfidf_dim=64",
+                  f"sids.embed_cache_dir={tmp_path / 'emb-cache'}"],
+    }[command]
+    result = _in_tmpfs(tmp_path, {"keep.txt": "kept"}, False, [sys.executable, "-m", "sidvid_rec", *argv])
+    # train's progress bar shares stderr (a bar is not an error line): drop its frames.
+    kept = [ln for ln in result["stderr"].splitlines() if ln.strip() and "%|" not in ln]
+    proc = subprocess.CompletedProcess(argv, result["rc"], "", "\n".join(kept) + "\n")
+    line = _assert_one_line_error(proc, f"sidvid-rec {command}")
+    assert "No space left on device" in line or "is the disk full" in line, line
+    leftovers = [p for p in result["files"] if ".tmp" in p]
+    assert not leftovers, leftovers
+    # train's run directory keeps what it wrote whole (config.yaml); export/embed leave nothing
+    assert set(result["files"]) - {"out", "out/config.yaml", "out/tb"} <= {"keep.txt"} or command == "train"
+    if command != "train":
+        assert set(result["files"]) == {"keep.txt"}, result["files"]

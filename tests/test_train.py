@@ -85,3 +85,30 @@ def test_item_id_beyond_table_is_rejected(cache_dir):
     model = build_model(cfg, load_sequences(cfg.data), table_device="cpu")
     with pytest.raises((UserError, ValueError), match="9725"):
         model.embeddings.embed(torch.tensor([1, 9725]))
+
+
+def test_run_config_means_the_same_from_any_directory(tmp_path, monkeypatch, capsys):
+    """Training stores relative paths as absolute ones, so `evaluate` works from elsewhere."""
+    monkeypatch.chdir(tmp_path)
+    assert _train("run", "cache", "train.epochs=1", "train.max_steps=1") == 0
+    import yaml
+
+    stored = yaml.safe_load(open(tmp_path / "run" / "config.yaml"))
+    assert stored["data"]["cache_dir"] == str(tmp_path / "cache")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["evaluate", str(tmp_path / "run")]) == 0
+    assert not os.path.exists(elsewhere / "cache")  # the run's cache was found, not rebuilt here
+
+
+def test_with_absolute_paths_resolves_local_paths_only(tmp_path, monkeypatch):
+    from sidvid_rec.config import load_config, with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_paths(load_config(None, ["sids.dir=sids", "data.path=data/ml", "data.cache_dir=~/c",
+                                                 "sids.embed_cache_dir=s3://bucket/e"]))
+    assert cfg.sids.dir == str(tmp_path / "sids") and cfg.data.path == str(tmp_path / "data" / "ml")
+    assert cfg.data.cache_dir == "~/c" and cfg.sids.embed_cache_dir == "s3://bucket/e"
+    assert with_absolute_paths(load_config(None, [])).data.path == ""  # the embedded default

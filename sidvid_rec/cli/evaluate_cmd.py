@@ -1,16 +1,17 @@
 """``sidvid-rec evaluate RUN_DIR [--split valid|test] [--decoder ...] [section.key=value ...]``.
 
-Evaluates the run's best checkpoint with full ranking, updates ``RUN_DIR/metrics.json``
-for that split and prints the metrics as one JSON object on the last line of stdout.
+Evaluates the run's best checkpoint with full ranking, records the result in
+``RUN_DIR/evaluations.json`` under the key of its decoder and settings (see
+:mod:`sidvid_rec.eval.records`; the training-time ``metrics.json`` is kept, and gains the
+split only when it lacks it under the run's own settings) and prints the metrics as one JSON
+object on the last line of stdout.
 """
 
 import argparse
 import json
 from typing import get_args
-import os
 
 from sidvid_rec.types import DecoderKind
-from sidvid_rec import storage
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,12 +30,14 @@ def run(args: argparse.Namespace) -> int:
     from sidvid_rec.data import load_sequences, make_split
     from sidvid_rec.errors import ConfigError
     from sidvid_rec.eval.evaluate import evaluate_model
+    from sidvid_rec.eval.records import record_evaluation
     from sidvid_rec.process_group import init_distributed
     from sidvid_rec.train import checkpoint as ckpt
     from sidvid_rec.train.distributed import build_sharded_model
 
     overrides = list(args.overrides) + ([f"eval.decoder={args.decoder}"] if args.decoder else [])
     cfg = load_run_config(args.run_dir, overrides, command="evaluate")
+    run_cfg = load_run_config(args.run_dir, command="evaluate")
     if args.split == "valid" and cfg.data.protocol == "gr":
         raise ConfigError("protocol gr has no validation split; use --split test")
     best = ckpt.best_checkpoint(args.run_dir)
@@ -44,9 +47,6 @@ def run(args: argparse.Namespace) -> int:
     ckpt.load_model_weights(best, model, ckpt.model_fingerprint(cfg, data.num_items), data.fingerprint)
     metrics = evaluate_model(model, make_split(data, args.split, cfg.data.protocol, cfg.data.max_len), cfg, ctx)
     if ctx.is_main:
-        path = os.path.join(args.run_dir, "metrics.json")
-        results = storage.read_json(path) if storage.exists(path) else {}
-        results[args.split] = metrics
-        storage.write_json(path, results)
+        record_evaluation(args.run_dir, run_cfg, cfg, args.split, metrics)
         print(json.dumps(metrics))
     return 0

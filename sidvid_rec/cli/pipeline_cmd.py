@@ -6,7 +6,7 @@ subcommand, and skips a step whose artifact is current. Artifacts live in the ru
     DIR/embeddings/     sidvid-rec embed       (modes that use semantic IDs)
     DIR/sids/           sidvid-rec sids build  (the run's sids.dir is set to it)
     DIR/                sidvid-rec train       (config.yaml, checkpoints/, metrics.json)
-    DIR/metrics.json    sidvid-rec evaluate    (the test split)
+    DIR/evaluations.json sidvid-rec evaluate   (the test split, keyed by eval settings)
     DIR/export/         sidvid-rec export
     DIR/pipeline.json   what each step was run on: a hash of its inputs
 
@@ -29,6 +29,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from sidvid_rec import storage
 from sidvid_rec.cli.common import add_config_args, config_from_args
 from sidvid_rec.config import Config
+from sidvid_rec.errors import ArtifactError
+from sidvid_rec.eval.records import EVALUATIONS_FILE, lookup
 
 STEPS = ("embed", "sids", "train", "evaluate", "export")
 STAMPS = "pipeline.json"
@@ -63,7 +65,9 @@ class Plan:
         self.sids = os.path.join(self.run_dir, "sids")
         self.export = os.path.join(self.run_dir, "export")
         path = os.path.join(self.run_dir, STAMPS)
-        self.stamps: Dict[str, Dict[str, Any]] = storage.read_json(path) if storage.exists(path) else {}
+        self.stamps: Dict[str, Dict[str, Any]] = storage.read_json_object(path) if storage.exists(path) else {}
+        if not all(isinstance(stamp, dict) for stamp in self.stamps.values()):
+            raise ArtifactError(f"{path}: every step's stamp must be a JSON object")
 
     @property
     def uses_sids(self) -> bool:
@@ -100,7 +104,7 @@ class Plan:
             "embed": os.path.join(self.embeddings, "manifest.json"),
             "sids": os.path.join(self.sids, "manifest.json"),
             "train": os.path.join(self.run_dir, "checkpoints", "best.pt"),
-            "evaluate": os.path.join(self.run_dir, "metrics.json"),
+            "evaluate": os.path.join(self.run_dir, EVALUATIONS_FILE),
             "export": os.path.join(self.export, "manifest.json"),
         }
         return storage.exists(paths[step])
@@ -210,7 +214,6 @@ def run(args: argparse.Namespace) -> int:
         _log(f"{step}: done in {time.time() - start:.1f} s", is_main)
         summary[step] = "ran"
     if is_main:
-        metrics_path = os.path.join(plan.run_dir, "metrics.json")
-        metrics = storage.read_json(metrics_path).get("test") if storage.exists(metrics_path) else None
+        metrics = lookup(plan.run_dir, cfg, "test")
         print(json.dumps({"run_dir": plan.run_dir, "steps": summary, "test": metrics, "export": plan.export}))
     return 0

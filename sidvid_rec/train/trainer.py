@@ -8,6 +8,7 @@ Run directory layout::
                                  (train/checkpoint.py), each written atomically
     RUN_DIR/history.json         per-epoch loss and validation metrics
     RUN_DIR/metrics.json         {"valid": {...}, "test": {...}} of the best checkpoint
+    RUN_DIR/evaluations.json     the same, and every later `evaluate`, keyed by settings
     RUN_DIR/tb/                  TensorBoard scalars
 
 Model selection: with ``protocol: loo`` the checkpoint with the best validation NDCG@10 is
@@ -36,11 +37,12 @@ import torch
 from tqdm import tqdm
 
 from sidvid_rec import storage
-from sidvid_rec.config import Config, dump_config
+from sidvid_rec.config import Config, dump_config, with_absolute_paths
 from sidvid_rec.data import SequenceData, load_sequences, make_split
 from sidvid_rec.data.batches import BatchIterator
 from sidvid_rec.errors import ConfigError
 from sidvid_rec.eval.evaluate import evaluate_model
+from sidvid_rec.eval.records import METRICS_FILE, record_evaluation
 from sidvid_rec.process_group import DistContext, all_reduce_sum, barrier, init_distributed
 from sidvid_rec.train import checkpoint as ckpt
 from sidvid_rec.train.distributed import build_sharded_model
@@ -261,6 +263,7 @@ class Trainer:
 
 def run_training(cfg: Config, run_dir: str, ctx: Optional[DistContext] = None) -> Dict[str, Dict[str, float]]:
     """Trains ``cfg`` into ``run_dir`` and returns the best checkpoint's metrics."""
+    cfg = with_absolute_paths(cfg)  # config.yaml must mean the same data from any directory
     ctx = ctx or init_distributed(cfg.train.device)
     if cfg.train.checkpoint_every < 0:
         raise ConfigError(f"train.checkpoint_every must be >= 0, got {cfg.train.checkpoint_every}")
@@ -303,5 +306,7 @@ def finalize(cfg: Config, run_dir: str, ctx: DistContext) -> Dict[str, Dict[str,
                for s in splits}
     results["best_epoch"] = record.train_state["best_epoch"]
     if ctx.is_main:
-        storage.write_json(os.path.join(run_dir, "metrics.json"), results)
+        storage.write_json(os.path.join(run_dir, METRICS_FILE), results)
+        for split in splits:
+            record_evaluation(run_dir, cfg, cfg, split, results[split])
     return results
