@@ -101,3 +101,34 @@ def test_sid_mode_train_evaluate_export_retrieve(tmp_path, capsys):
     assert scores == pytest.approx(full_scores[:K], abs=1e-6)
     by_id = {int(i): it["score"] for i, it in zip(full.ids, full.items)}
     assert [by_id[i] for i in ids] == pytest.approx(scores, abs=1e-6)
+
+
+def _one_line_error(capsys, argv):
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_sid_table_that_changed_size_is_named_as_such(tmp_path, capsys):
+    """Semantic IDs rebuilt with another codebook size under the same sids.dir: resuming or
+    evaluating the run says the SID table changed size (it used to blame column-wise sharding)."""
+    from sidvid_rec.modules.embeddings import SID_FEATURE
+    from sidvid_rec.train import checkpoint as ckpt
+
+    assert ckpt._SID_TABLE == SID_FEATURE  # the name the message keys on is the table's
+    cache, sids, run = str(tmp_path / "cache"), str(tmp_path / "sids"), tmp_path / "run"
+    common = [f"data.cache_dir={cache}", *SIDS]
+    assert main(["sids", "build", "--out", sids, "--no-progress", *common]) == 0
+    train = ["train", "--run-dir", str(run), f"sids.dir={sids}", "model.mode=sid", *common, *TINY]
+    assert main(train) == 0
+    before = (run / "metrics.json").read_text()
+    assert main(["sids", "build", "--out", sids, "--no-progress", *common, "sids.codebook_size=5"]) == 0
+    for argv in (train + ["train.resume=true", "train.epochs=2"], ["evaluate", str(run), "--split", "valid"],
+                 ["export", str(run), "--out", str(tmp_path / "export")]):
+        err = _one_line_error(capsys, argv)
+        assert "sid_prefix" in err and "semantic IDs changed size" in err, err
+        assert "column" not in err, err
+    assert (run / "metrics.json").read_text() == before  # nothing was trained or evaluated
+    assert not (tmp_path / "export").exists()
