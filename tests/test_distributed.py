@@ -6,8 +6,9 @@ each rank's loss to its share of the global-batch mean. 2 ranks then train the s
 1 process (same global batch, same seed), so validation metrics agree to ``TOL`` (float
 summation order is the only difference; measured: identical to 6 decimals).
 
-Three torchrun launches (~20-40 s each on 2 busy cores): one worker script that runs several
-CLI jobs in one process group, and the SIGKILL + resume pair.
+Four torchrun launches (~20-40 s each on 2 busy cores): one worker script that runs several
+CLI jobs in one process group, the SIGKILL + resume pair, and the column-wise / 2 -> 1 rank
+resume launch (marked slow).
 """
 
 import json
