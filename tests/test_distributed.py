@@ -6,8 +6,9 @@ each rank's loss to its share of the global-batch mean. 2 ranks then train the s
 1 process (same global batch, same seed), so validation metrics agree to ``TOL`` (float
 summation order is the only difference; measured: identical to 6 decimals).
 
-Three torchrun launches (~20-40 s each on 2 busy cores): one worker script that runs several
-CLI jobs in one process group, and the SIGKILL + resume pair.
+Four torchrun launches (~20-40 s each on 2 busy cores): one worker script that runs several
+CLI jobs in one process group, the SIGKILL + resume pair, and the column-wise / 2 -> 1 rank
+resume launch (marked slow).
 """
 
 import json
@@ -270,3 +271,89 @@ def test_checkpoint_of_another_config_is_refused(baseline, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "another model/data config" in err
     assert _metrics(run) == baseline["metrics"]  # untouched
+
+
+_RESHARD_WORKER = """
+import json, os, sys
+import torch
+from sidvid_rec.cli import main
+from sidvid_rec.config import load_run_config
+from sidvid_rec.data import load_sequences
+from sidvid_rec.process_group import init_distributed
+from sidvid_rec.train import checkpoint as ckpt
+from sidvid_rec.train.distributed import build_sharded_model, gather_state_dict
+root, cache = sys.argv[1:3]
+parity = json.loads(sys.argv[3])
+rank = int(os.environ["RANK"])
+out = {}
+for sharding in ("column_wise", "row_wise"):
+    out[sharding] = main(["train", "--run-dir", os.path.join(root, sharding), f"data.cache_dir={cache}", *parity,
+                          "train.epochs=1", f"train.sharding={sharding}"])
+# The column-wise model's tables gathered from both ranks' column shards (what an export must hold).
+cfg = load_run_config(os.path.join(root, "column_wise"))
+model = build_sharded_model(cfg, load_sequences(cfg.data), init_distributed("cpu"))
+ckpt.load_model_weights(ckpt.best_checkpoint(os.path.join(root, "column_wise")), model)
+state = gather_state_dict(model.state_dict())
+if rank == 0:
+    torch.save(state["embeddings.ebc.embedding_bags.item_id.weight"], os.path.join(root, "column_wise_table.pt"))
+with open(os.path.join(root, f"reshard-{rank}.json"), "w") as f:
+    json.dump(out, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_rank_runs_resume_on_one_rank_and_column_wise_exports(tmp_path, capsys):
+    """One 2-rank launch trains a column-wise and a row-wise run for 1 epoch. Then, in this
+    process (1 rank): the row-wise run resumes (DCP reshards 2 -> 1) and finishes epoch 2;
+    the column-wise run exports (tables gathered from the column shards) and retrieves; resuming
+    it on 1 rank is refused in one line (its table optimizer state depends on the world size)."""
+    cache = str(tmp_path / "cache")
+    worker = tmp_path / "reshard.py"
+    worker.write_text(textwrap.dedent(_RESHARD_WORKER))
+    proc = _torchrun([str(worker), str(tmp_path), cache, json.dumps(PARITY)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert all(json.loads((tmp_path / f"reshard-{r}.json").read_text()) == {"column_wise": 0, "row_wise": 0}
+               for r in (0, 1))
+
+    # 2 -> 1 rank resume of the row-wise run: epoch 1 is the 2-rank one, epoch 2 is trained here.
+    row = tmp_path / "row_wise"
+    two_rank_history = json.loads((row / "history.json").read_text())
+    assert [h["epoch"] for h in two_rank_history] == [1]
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(row), f"data.cache_dir={cache}", *PARITY, "train.sharding=row_wise",
+                 "train.epochs=2", "train.resume=true"]) == 0
+    captured = capsys.readouterr()
+    assert "2 -> 1 ranks, random streams re-seeded" in captured.out + captured.err
+    history = json.loads((row / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2] and history[0] == two_rank_history[0]
+    # it continued from the 2-rank weights and step count (a fresh start would be back near epoch 1's loss)
+    assert history[1]["step"] == 2 * history[0]["step"] and history[1]["loss"] < 0.5 * history[0]["loss"]
+    record = ckpt.read_record(ckpt.latest_checkpoint(str(row)))
+    assert (record.epoch, record.world_size) == (2, 1)
+    metrics = _metrics(row)
+    for split in ("valid", "test"):
+        assert metrics[split]["count"] == 610 and 0.0 < metrics[split]["hr@10"] <= 1.0
+
+    # The column-wise 2-rank run: export = the gathered column shards (cut to dim), retrieve works.
+    col, out = tmp_path / "column_wise", tmp_path / "export"
+    assert _metrics(col)["valid"]["count"] == 610
+    assert main(["export", str(col), "--out", str(out)]) == 0
+    exported = safetensors.torch.load_file(str(out / "tables.safetensors"))["item_id"]
+    assert torch.equal(exported, torch.load(tmp_path / "column_wise_table.pt")[:, :16])
+    from sidvid_rec.export.serving import load_export
+
+    export = load_export(str(out))
+    history_ids = list(range(1, 21))
+    got = export.retrieve(history_ids, k=10, raw_ids=False)
+    assert len(got.ids) == 10 and len(set(got.ids.tolist())) == 10
+    assert all(1 <= i <= export.num_items and i not in history_ids for i in got.ids.tolist())
+    scores = [it["score"] for it in got.items]
+    assert scores == sorted(scores, reverse=True)
+
+    # Column-wise table optimizer state written on 2 ranks does not fit 1: one clear line, exit 2.
+    capsys.readouterr()
+    rc = main(["train", "--run-dir", str(col), f"data.cache_dir={cache}", *PARITY, "train.sharding=column_wise",
+               "train.epochs=2", "train.resume=true"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert "column-wise" in err and "2 rank(s)" in err and "this job has 1 rank(s)" in err, err

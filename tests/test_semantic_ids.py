@@ -208,3 +208,32 @@ def test_never_replaces_a_foreign_directory(tmp_path):
     write_semantic_ids(out, sids, x, {})
     write_semantic_ids(out, sids, x, {})  # an earlier build is replaced as a whole
     assert load_sid_artifacts(out).num_items == 100
+
+
+@pytest.mark.parametrize("n, k, tol, per_code", [(1200, 8, 0.1, 256), (1200, 8, 0.05, 40), (997, 6, 0.0, 256)])
+def test_balanced_bounds_hold_on_every_residual_layer(n, k, tol, per_code):
+    """Each layer clusters the previous layer's residuals of *all* items with balanced k-means,
+    so every layer's code sizes over the N items lie in size_bounds(N, K, tol), not only the
+    first layer's (layer seeds differ; per_code=40 takes the sampled + full-rounds path;
+    n=997, tol=0 needs the [floor, ceil] widening). Sizes *within* a parent prefix are not
+    promised: a residual layer is one global clustering, not one per parent."""
+    x = skewed(n, 12, seed=7)
+    params = RqParams(layers=3, codebook_size=k, balance="balanced", tol=tol, kmeans_iters=8, balance_iters=6,
+                      max_points_per_code=per_code)
+    rq = residual_kmeans(x, params, progress=False)
+    bounds = size_bounds(n, k, tol)
+    assert len(rq.rounds) == len(rq.converged) == 3
+    report = sid_report(rq.codes, rq.codebooks, x)
+    for layer in range(3):
+        sizes = np.bincount(rq.codes[:, layer], minlength=k)
+        assert sizes.sum() == n and sizes.size == k
+        assert sizes.min() >= bounds.lower and sizes.max() <= bounds.upper, (layer, sizes, bounds)
+        assert (report["layers"][layer]["min_size"], report["layers"][layer]["max_size"]) == (sizes.min(), sizes.max())
+        # each layer's codebook is the mean of its clusters' residuals (what the next layer clusters)
+        residual = x - sum(rq.codebooks[j][rq.codes[:, j]] for j in range(layer))
+        members = rq.codes[:, layer] == 1
+        np.testing.assert_allclose(rq.codebooks[layer][1], residual[members].mean(0), atol=1e-4)
+    # the unbalanced baseline on the same data breaks the bounds somewhere, so the check has teeth
+    plain = residual_kmeans(x, RqParams(layers=3, codebook_size=k, balance="none", kmeans_iters=8), progress=False)
+    plain_sizes = [np.bincount(plain.codes[:, j], minlength=k) for j in range(3)]
+    assert any(s.min() < bounds.lower or s.max() > bounds.upper for s in plain_sizes)

@@ -56,7 +56,11 @@ class RankMetrics:
 
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """1-based rank of ``targets [B]`` among ``scores [B, N]`` (ties count against the target:
-    items scoring equal to the target rank ahead of it, the pessimistic convention)."""
+    items scoring equal to the target rank ahead of it, the pessimistic convention).
+
+    NaN is pessimistic too: a NaN competitor ranks ahead of the target, and a NaN target ranks
+    last (``N``); otherwise a diverged model would score rank 0, a "hit" with MRR = inf.
+    """
     target_scores = scores.gather(1, targets[:, None])  # [B, 1]
-    ahead = (scores >= target_scores).sum(1)  # includes the target itself
-    return ahead
+    ahead = ((scores >= target_scores) | scores.isnan()).sum(1)  # includes the target itself
+    return torch.where(target_scores[:, 0].isnan(), torch.full_like(ahead, scores.shape[1]), ahead)

@@ -118,6 +118,10 @@ def export_run(run_dir: str, out: str, checkpoint: str = "best", overrides: Sequ
     fingerprint = ckpt.model_fingerprint(cfg, data.num_items)
     record, full = ckpt.read_full_tensors(_record_path(run_dir, checkpoint), "model.", fingerprint, data.fingerprint)
     module = build_model(cfg, data, table_device="cpu")
+    for key, tensor in module.state_dict().items():  # a size change named by its cause (e.g. the SIDs)
+        if key in full and tuple(full[key].shape) != tuple(tensor.shape):
+            raise ArtifactError(ckpt.shape_mismatch(f"{record.name} of {run_dir}", key, tuple(full[key].shape),
+                                                    tuple(tensor.shape), record))
     try:
         module.load_state_dict(full)
     except RuntimeError as e:

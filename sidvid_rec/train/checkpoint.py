@@ -484,11 +484,40 @@ def _read_metadata(directory: str) -> Metadata:
     return SafeFileSystemReader(directory).read_metadata()
 
 
-def _check_shapes(metadata: Metadata, state: Dict[str, Any], path: str) -> None:
+_SID_TABLE = "sid_prefix"
+"""Name of the SID-prefix table (and its buffer) in state keys: ``modules.embeddings.SID_FEATURE``
+(not imported: this module stays free of torchrec; a test keeps the two equal)."""
+
+
+def _current_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def shape_mismatch(path: str, key: str, saved: Tuple[int, ...], needed: Tuple[int, ...],
+                    record: Optional[CheckpointRecord]) -> str:
+    """One line saying why ``key`` has another shape than this run needs, by its likely cause."""
+    head = f"checkpoint {path}: {key} has shape {saved}, this run needs {needed}"
+    if key.startswith("optim.fused."):
+        # The model's tables matched (model.* keys come first), so the table optimizer's state
+        # differs by layout: row-wise Adagrad keeps one momentum per column shard.
+        written = f"{record.world_size} rank(s), train.sharding={record.sharding}" if record else "another job"
+        return (f"{head}: column-wise sharded optimizer state depends on the world size and resumes only on "
+                f"the same one (written by {written}; this job has {_current_world_size()} rank(s))")
+    if _SID_TABLE in key.split("."):
+        return (f"{head}: the semantic IDs changed size since the checkpoint was written (sids.dir rebuilt "
+                "with another sids.codebook_size or sids.layers, or another sids.dir); use the semantic IDs "
+                "it was trained with, or train into a new run directory")
+    return f"{head}: the model's shapes differ from the run that wrote it"
+
+
+def _check_shapes(metadata: Metadata, state: Dict[str, Any], path: str,
+                  record: Optional[CheckpointRecord] = None) -> None:
     """Every leaf of ``state`` must be a tensor in the checkpoint with the same global shape.
 
     Only tensors: DCP fills any other leaf with ``torch.load(weights_only=False)`` of the saved
-    bytes, which would run code from a crafted checkpoint.
+    bytes, which would run code from a crafted checkpoint. A shape mismatch is refused in one
+    line naming its likely cause (the SID table changed size; column-wise optimizer state on
+    another world size), from ``record`` when given.
     """
     leaves = _non_tensor_leaves(state)
     if leaves:
@@ -499,10 +528,7 @@ def _check_shapes(metadata: Metadata, state: Dict[str, Any], path: str) -> None:
         if not isinstance(meta, TensorStorageMetadata):
             raise ArtifactError(f"checkpoint {path} lacks {key}")
         if tuple(meta.size) != tuple(shape):
-            raise ArtifactError(
-                f"checkpoint {path}: {key} has shape {tuple(meta.size)}, this run needs {tuple(shape)} "
-                "(column-wise sharded optimizer state resumes only on the same world size)"
-            )
+            raise ArtifactError(shape_mismatch(path, key, tuple(meta.size), tuple(shape), record))
 
 
 def _dcp_load(state: Dict[str, Any], directory: str, path: str, no_dist: bool = False) -> None:
@@ -534,7 +560,7 @@ def load_checkpoint(path: str, state: Dict[str, Any], expected_fingerprint: Opti
     """
     record = read_record(path, expected_fingerprint, expected_data_fingerprint)
     directory = verify_data(path, record)
-    _check_shapes(_read_metadata(directory), state, path)
+    _check_shapes(_read_metadata(directory), state, path, record)
     _dcp_load(state, directory, path)
     return record
 
