@@ -19,10 +19,14 @@ Example::
 
 import functools
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Union
 
-import numpy as np
 import torch
+
+try:  # numpy runs the chunking DP fastest; a torch-only install (benchmarks/gpu_check.py) uses torch
+    import numpy as np
+except ImportError:  # pragma: no cover - numpy is part of the supported stack
+    np = None  # type: ignore[assignment]
 from torch import Tensor
 
 from sidvid_rec.errors import DataError
@@ -252,12 +256,16 @@ class ChunkPlan:
 DEFAULT_CHUNK_OVERHEAD: int = 50_000
 
 
-def _partition_sorted(lengths_desc: np.ndarray, overhead: float) -> List[int]:
+def _partition_sorted(lengths_desc: Union[Tensor, "np.ndarray"], overhead: float) -> List[int]:
     """Optimal cut points of descending lengths into chunks minimising ``sum(b_c * n_c^2 + overhead)``.
 
     Returns the chunk start indices. Dynamic programming over runs of equal lengths (a cut
     inside a run never beats the cut at the run's start), O(distinct lengths^2) numpy.
     """
+    if np is None:
+        return _partition_sorted_torch(lengths_desc, overhead)
+    if isinstance(lengths_desc, Tensor):
+        lengths_desc = lengths_desc.numpy()
     values, counts = np.unique(lengths_desc, return_counts=True)
     values, counts = values[::-1].astype(np.float64), counts[::-1]
     before = np.concatenate([[0], np.cumsum(counts)])  # sequences before each run
@@ -272,6 +280,26 @@ def _partition_sorted(lengths_desc: np.ndarray, overhead: float) -> List[int]:
     cuts, end = [], runs
     while end > 0:
         end = int(start_of[end])
+        cuts.append(int(before[end]))
+    return cuts[::-1]
+
+
+def _partition_sorted_torch(lengths_desc: Tensor, overhead: float) -> List[int]:
+    """:func:`_partition_sorted` with torch ops (CPU), for an install without numpy: same DP,
+    same ties (``argmin`` returns the first minimum in both)."""
+    values, counts = torch.unique(lengths_desc, return_counts=True)
+    values, counts = values.flip(0).to(torch.float64), counts.flip(0)
+    before = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)]).to(torch.float64)
+    runs = values.numel()
+    best = torch.zeros(runs + 1, dtype=torch.float64)
+    start_of = [0] * (runs + 1)
+    for end in range(1, runs + 1):
+        costs = best[:end] + (before[end] - before[:end]) * values[:end] ** 2 + overhead
+        start_of[end] = int(torch.argmin(costs))
+        best[end] = costs[start_of[end]]
+    cuts, end = [], runs
+    while end > 0:
+        end = start_of[end]
         cuts.append(int(before[end]))
     return cuts[::-1]
 
@@ -296,7 +324,7 @@ def plan_length_chunks(offsets: Tensor, overhead: float = DEFAULT_CHUNK_OVERHEAD
     nonempty = torch.nonzero(lengths > 0).flatten()
     order = nonempty[torch.argsort(lengths[nonempty], descending=True, stable=True)]
     sorted_lengths = lengths[order]
-    cuts = _partition_sorted(sorted_lengths.numpy(), overhead) + [order.numel()]
+    cuts = _partition_sorted(sorted_lengths, overhead) + [order.numel()]
     widths = torch.empty_like(sorted_lengths)
     chunks: List[LengthChunk] = []
     row = 0
