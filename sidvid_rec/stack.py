@@ -27,7 +27,8 @@ CPU_ONLY_FBGEMM = "fbgemm-gpu-cpu"
 """The CPU-only fbgemm wheel: it loads under a CUDA torch, but its operators have no CUDA kernels."""
 CUDA_FIX = (
     "on a GPU machine install the CUDA build of fbgemm: `pip uninstall -y fbgemm-gpu-cpu && "
-    "pip install fbgemm-gpu==1.8.0` (or run `make install-gpu`); or train on the CPU with train.device=cpu"
+    "pip install fbgemm-gpu==1.8.0` (or run `make install-gpu`); or keep the CPU stack and hide the GPUs "
+    "(`CUDA_VISIBLE_DEVICES= ... train.device=cpu`)"
 )
 
 

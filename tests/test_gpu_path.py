@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sidvid_rec.errors import ConfigError
-from sidvid_rec.process_group import DistContext, collective_device, pick_device
+from sidvid_rec.process_group import DistContext, pick_device
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,7 +38,7 @@ def test_cuda_device_wraps_local_rank_by_visible_devices(monkeypatch):
 def test_collectives_use_the_context_device():
     """nccl reduces CUDA tensors only: the pipeline's exit-code reduction, the trainer's sums
     and the state-dict gather allocate on the rank's GPU under nccl, on the CPU under gloo."""
-    from sidvid_rec.process_group import all_reduce_max_int
+    from sidvid_rec.process_group import all_reduce_max_int, collective_device
     from sidvid_rec.train.distributed import gather_device
 
     assert collective_device(_ctx("cuda:1", "nccl")) == torch.device("cuda", 1)
@@ -57,6 +57,7 @@ def test_gather_state_dict_allocates_on_the_shards_device():
     from sidvid_rec.process_group import init_distributed
     from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardMetadata
 
+    from sidvid_rec.process_group import collective_device
     from sidvid_rec.train.distributed import gather_state_dict
 
     ctx = init_distributed("cpu")
@@ -78,7 +79,7 @@ def test_cpu_only_fbgemm_under_cuda_is_refused_in_one_line():
     installed = {"fbgemm-gpu": "not installed", "fbgemm-gpu-cpu": "1.8.0"}
     message = cuda_support_problem(True, error, installed)
     assert message is not None and "\n" not in message
-    assert "CPU-only fbgemm-gpu-cpu" in message and "make install-gpu" in message and "train.device=cpu" in message
+    assert "CPU-only fbgemm-gpu-cpu" in message and "make install-gpu" in message and "CUDA_VISIBLE_DEVICES=" in message
     assert cuda_support_problem(False, None, installed) is None  # no GPU visible: the CPU build is right
     assert cuda_support_problem(True, None, {"fbgemm-gpu": "1.8.0", "fbgemm-gpu-cpu": "not installed"}) is None
 
