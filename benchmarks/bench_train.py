@@ -131,11 +131,12 @@ def train_steps(config: str, mode: str, data_path: str, data_format: str, cache_
     from benchmarks.common import PhaseClock, current_rss_mb, peak_rss_mb, reset_peak_rss, synchronize
     from sidvid_rec.config import load_config
     from sidvid_rec.data import load_sequences, make_split
-    from sidvid_rec.data.batches import BatchIterator
+    from sidvid_rec.data.batches import BatchIterator, to_device
     from sidvid_rec.models.build import unwrap
     from sidvid_rec.train.distributed import build_sharded_model
     from sidvid_rec.process_group import init_distributed
     from sidvid_rec.train.optimizers import build_optimizers
+    from sidvid_rec.train.trainer import negative_generator
 
     extra = [f"model.mode={mode}", f"train.device={device}"] + ([f"sids.dir={sids_dir}"] if sids_dir else [])
     cfg = load_config(config, _overrides(data_path, data_format, cache_dir, extra))
@@ -145,7 +146,7 @@ def train_steps(config: str, mode: str, data_path: str, data_format: str, cache_
     split = make_split(data, "train", cfg.data.protocol, cfg.data.max_len)
     model = build_sharded_model(cfg, data, ctx)
     optimizers = build_optimizers(model, cfg.train)
-    generator = torch.Generator(device="cpu")
+    generator = negative_generator(ctx.device)  # on the training device, as the trainer's
     generator.manual_seed(cfg.train.seed)
     batches = BatchIterator(split, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
 
@@ -171,7 +172,7 @@ def train_steps(config: str, mode: str, data_path: str, data_format: str, cache_
         synchronize(device)
         start, cpu_start = time.perf_counter(), time.process_time()
         with clock.phase("data"):
-            batch = next(stream).to(ctx.device)
+            batch = to_device(next(stream), ctx.device)  # pinned, non-blocking on CUDA (as the trainer)
         with clock.phase("other"):  # forward glue; the wrapped modules book their own time
             out = model(batch, generator=generator)
         with clock.phase("optimizer"):

@@ -25,8 +25,8 @@ import yaml
 from sidvid_rec import storage
 from sidvid_rec.errors import ArtifactError, ConfigError
 from sidvid_rec.types import (AttentionScale, Balance, BeamFuse, DataFormat, DecoderKind, Device, EmbeddingOptimizer,
-                              Fusion, IndexKind, ModelMode, Pooling, QueryTime, Sharding, SidSoftmax, SplitProtocol,
-                              VidNegatives)
+                              Fusion, IndexKind, ModelMode, Pooling, Precision, QueryTime, Sharding, SidSoftmax,
+                              SplitProtocol, VidNegatives)
 
 T = TypeVar("T")
 
@@ -176,7 +176,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     embedding_optimizer: EmbeddingOptimizer = "auto"
-    """Fused optimizer of the TorchRec tables; ``auto``: row-wise Adagrad on CPU, Adam on GPU."""
+    """Fused optimizer of the TorchRec tables; ``auto``: row-wise Adagrad on every device (its
+    learning rate is ``embedding_lr``); ``adam`` (CUDA only) wants an Adam rate there, e.g. 1e-3."""
     embedding_lr: float = 0.05
     """Learning rate of the fused table optimizer (Adagrad-family needs a larger one)."""
     seed: int = 42
@@ -191,6 +192,10 @@ class TrainConfig:
     """TorchRec sharding of the tables: planner's choice or forced."""
     device: Device = "auto"
     """``auto``: CUDA when available."""
+    precision: Precision = "fp32"
+    """Arithmetic of the encoder: ``fp32``; ``tf32`` (float32 with TF32 matmuls on CUDA, no effect
+    on the CPU); ``bf16`` (the HSTU layers under bfloat16 autocast, CPU or CUDA; tables, losses and
+    the optimizer state stay float32)."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = no limit); for smoke tests."""
     checkpoint_every: int = 0

@@ -33,6 +33,7 @@ class DistContext:
 
 
 def pick_device(preference: str, local_rank: int = 0) -> torch.device:
+    """``cpu``, or ``cuda:<local_rank % visible devices>`` for ``cuda`` (and ``auto`` when CUDA is available)."""
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise ConfigError("train.device=cuda but CUDA is not available")
@@ -60,13 +61,30 @@ def init_distributed(device_preference: str = "auto") -> DistContext:
     return DistContext(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
 
 
+def collective_device(ctx: DistContext) -> torch.device:
+    """Where a tensor handed to a collective must live: the rank's GPU under nccl (nccl reduces
+    only CUDA tensors), the CPU under gloo (whatever device the model trains on)."""
+    return ctx.device if ctx.backend == "nccl" else torch.device("cpu")
+
+
 def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    """Sum over ranks (a no-op copy for one rank). Float64 sums stay on the CPU under gloo."""
+    """Sum over ranks (a no-op copy for one rank), on :func:`collective_device`; the result is on
+    ``tensor``'s device. Float64 sums stay on the CPU under gloo."""
     if ctx.world_size == 1:
         return tensor
-    work = tensor.to(ctx.device) if ctx.backend == "nccl" else tensor
+    work = tensor.to(collective_device(ctx))
     dist.all_reduce(work)
     return work.to(tensor.device)
+
+
+def all_reduce_max_int(value: int, ctx: DistContext) -> int:
+    """The largest ``value`` over ranks (e.g. the worst exit code), through a tensor on
+    :func:`collective_device` (a CPU tensor under nccl fails)."""
+    if ctx.world_size == 1:
+        return int(value)
+    work = torch.tensor([int(value)], dtype=torch.int64, device=collective_device(ctx))
+    dist.all_reduce(work, op=dist.ReduceOp.MAX)
+    return int(work.item())
 
 
 def barrier(ctx: DistContext) -> None:

@@ -38,6 +38,8 @@ EmbeddingOptimizer = Literal["auto", "rowwise_adagrad", "adagrad", "sgd", "adam"
 """Fused in-backward optimizer of the tables."""
 Device = Literal["auto", "cpu", "cuda"]
 """Where a computation runs (``auto``: CUDA when available)."""
+Precision = Literal["fp32", "tf32", "bf16"]
+"""Training/inference arithmetic: float32; float32 with TF32 matmuls (CUDA); bfloat16 autocast of the encoder."""
 AttentionScale = Literal["length", "max_len"]
 """HSTU attention is divided by each sequence's true length or by the fixed ``max_len``."""
 QueryTime = Literal["target", "own"]

@@ -21,7 +21,7 @@ from sidvid_rec.train import checkpoint as ckpt
 from sidvid_rec.process_group import init_distributed
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["data.max_len=20", "model.dim=16", "model.dqk=16", "model.dv=16", "model.num_blocks=1",
+TINY = ["train.device=cpu", "data.max_len=20", "model.dim=16", "model.dqk=16", "model.dv=16", "model.num_blocks=1",
         "train.batch_size=128", "loss.num_negatives=32", "eval.batch_size=610"]
 
 

@@ -239,7 +239,7 @@ def test_cli_train_and_evaluate(tmp_path, cache_dir):
     from sidvid_rec.cli import main
 
     sids = str(tmp_path / "sids")
-    common = [f"data.cache_dir={cache_dir}", "sids.encoder=tfidf", "sids.tfidf_dim=16", "sids.codebook_size=8",
+    common = ["train.device=cpu", f"data.cache_dir={cache_dir}", "sids.encoder=tfidf", "sids.tfidf_dim=16", "sids.codebook_size=8",
               "sids.layers=2", "sids.kmeans_iters=3", "sids.balance_iters=3"]
     assert main(["sids", "build", "--out", sids, "--no-progress"] + common) == 0
     run = str(tmp_path / "run")
@@ -272,7 +272,7 @@ def test_sid_dedup_appends_the_disambiguation_code(tmp_path, cache_dir):
     from sidvid_rec.models.build import build_model
 
     sids = str(tmp_path / "sids")
-    common = [f"data.cache_dir={cache_dir}", "sids.encoder=tfidf", "sids.tfidf_dim=16", "sids.codebook_size=4",
+    common = ["train.device=cpu", f"data.cache_dir={cache_dir}", "sids.encoder=tfidf", "sids.tfidf_dim=16", "sids.codebook_size=4",
               "sids.layers=2", "sids.kmeans_iters=3", "sids.balance_iters=3"]
     assert main(["sids", "build", "--out", sids, "--no-progress"] + common) == 0
     small = ["model.mode=cobra", f"sids.dir={sids}", "model.dim=8", "model.dqk=8", "model.dv=8", "data.max_len=10"]

@@ -30,7 +30,7 @@ from sidvid_rec.train import checkpoint as ckpt
 
 TOL = 1e-4
 """Largest allowed difference of any validation metric between 1 and 2 ranks."""
-PARITY = ["data.max_len=20", "model.dim=16", "model.dqk=16", "model.dv=16", "model.num_blocks=1",
+PARITY = ["train.device=cpu", "data.max_len=20", "model.dim=16", "model.dqk=16", "model.dv=16", "model.num_blocks=1",
           "model.dropout=0", "loss.shared_negatives=true", "loss.num_negatives=32", "train.batch_size=64",
           "eval.batch_size=256", "train.epochs=2", "train.seed=7"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

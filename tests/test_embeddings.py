@@ -195,7 +195,17 @@ def test_gate_is_a_convex_mix():
 
 def test_embedding_optimizer_choice():
     assert embedding_optimizer_kwargs("auto", 0.05, "cpu").name == "rowwise_adagrad"
-    assert embedding_optimizer_kwargs("auto", 0.05, "cuda").name == "adam"
+    assert embedding_optimizer_kwargs("adam", 1e-3, "cuda").name == "adam"  # explicit Adam: CUDA only
+
+
+def test_auto_embedding_optimizer_is_the_same_on_cuda():
+    """``auto`` must not become Adam on CUDA: embedding_lr (0.05) is an Adagrad rate."""
+    from sidvid_rec.train.optimizers import RowWiseAdagrad, resolve_embedding_optimizer
+
+    for device in ("cpu", "cuda", torch.device("cuda", 1)):
+        assert resolve_embedding_optimizer("auto", device) == "rowwise_adagrad"
+        spec = embedding_optimizer_kwargs("auto", 0.05, device)
+        assert spec.optimizer_class is RowWiseAdagrad and spec.kwargs["lr"] == 0.05
     assert embedding_optimizer_kwargs("sgd", 0.1, torch.device("cpu")).kwargs == {"lr": 0.1}
     with pytest.raises(ConfigError, match="adam needs CUDA"):
         embedding_optimizer_kwargs("adam", 0.05, "cpu")

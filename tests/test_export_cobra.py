@@ -13,7 +13,7 @@ SIDS = ["sids.encoder=tfidf", "sids.tfidf_dim=16", "sids.codebook_size=8", "sids
 # Tiny COBRA over unique SIDs (sid_dedup) with the text projection on (VID = ID row + projected
 # text), beam as the run's decoder with non-default settings: retrieve must pick both up from
 # the manifest.
-TINY = ["model.mode=cobra", "model.sid_dedup=true", "model.text_projection=true", "data.max_len=12",
+TINY = ["train.device=cpu", "model.mode=cobra", "model.sid_dedup=true", "model.text_projection=true", "data.max_len=12",
         "model.dim=14", "model.dqk=8", "model.dv=8", "model.num_blocks=1", "train.batch_size=128",
         "train.epochs=1", "eval.ks=[1,10]", "eval.batch_size=610", "eval.decoder=beam", "eval.beam_size=3",
         "eval.beam_ann=20", "eval.beam_fuse=sum"]

@@ -5,7 +5,7 @@ import json
 from sidvid_rec.cli import main
 
 # sid_id needs every step; the TF-IDF encoder needs no weights and takes seconds.
-FAST = ["model.mode=sid_id", "sids.encoder=tfidf", "sids.tfidf_dim=32", "sids.layers=2", "sids.codebook_size=16",
+FAST = ["train.device=cpu", "model.mode=sid_id", "sids.encoder=tfidf", "sids.tfidf_dim=32", "sids.layers=2", "sids.codebook_size=16",
         "sids.kmeans_iters=5", "data.max_len=20", "model.dim=8", "model.dqk=8", "model.dv=8", "model.num_blocks=1",
         "loss.num_negatives=16", "train.epochs=1", "train.max_steps=2", "eval.batch_size=610", "eval.ks=[10,50]"]
 

@@ -9,7 +9,7 @@ import torch
 from sidvid_rec.cli import main
 from sidvid_rec.train.checkpoint import list_checkpoints
 
-TINY = ["data.max_len=20", "model.dim=16", "model.dqk=16", "model.dv=16", "model.num_blocks=1",
+TINY = ["train.device=cpu", "data.max_len=20", "model.dim=16", "model.dqk=16", "model.dv=16", "model.num_blocks=1",
         "train.batch_size=128", "loss.num_negatives=32", "eval.batch_size=610"]
 
 

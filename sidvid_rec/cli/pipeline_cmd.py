@@ -165,12 +165,11 @@ def _run_step(step: str, argv: List[str], main: Callable[[List[str]], int], ctx:
     is_main = ctx is None or ctx.is_main
     rc = main(argv) if (_on_all_ranks(step) or is_main) else 0
     if ctx is not None and ctx.world_size > 1:
-        import torch  # here: `sidvid-rec --help` must not load torch
-        import torch.distributed as dist
+        # here: `sidvid-rec --help` must not load torch. The reduced tensor lives on the
+        # context's collective device (the rank's GPU under nccl, which reduces no CPU tensor).
+        from sidvid_rec.process_group import all_reduce_max_int
 
-        worst = torch.tensor([rc])
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-        rc = int(worst)
+        rc = all_reduce_max_int(rc, ctx)
     return rc
 
 

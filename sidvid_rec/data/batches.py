@@ -11,11 +11,12 @@ one process would see in a batch of the same global size.
 """
 
 from dataclasses import dataclass
-from typing import Iterator, List
+from typing import Iterable, Iterator, List, Optional
 
 import numpy as np
 import torch
 
+from sidvid_rec.errors import DataError
 from sidvid_rec.stack import require_fbgemm
 
 require_fbgemm()
@@ -36,6 +37,10 @@ class SequenceBatch:
     weights: torch.Tensor
     next_item_targets: bool
     """True for training batches (a target per position), False for evaluation (one per sequence)."""
+    host_offsets: Optional[torch.Tensor] = None
+    """``[B+1]`` int64 offsets of the input tokens (``item_id``), on the CPU whatever device the
+    batch is on: the encoder's length checks and attention chunking read them there, so a batch
+    on a GPU is never read back to the host."""
 
     @property
     def batch_size(self) -> int:
@@ -44,14 +49,60 @@ class SequenceBatch:
     def jagged(self, key: str) -> JaggedTensor:
         return self.features[key]
 
+    def input_host_offsets(self) -> torch.Tensor:
+        """:attr:`host_offsets`, or the ``item_id`` offsets copied to the CPU (a batch built by hand)."""
+        if self.host_offsets is not None:
+            return self.host_offsets
+        return self.jagged("item_id").offsets().detach().to("cpu", torch.int64)
+
     def to(self, device: torch.device, non_blocking: bool = False) -> "SequenceBatch":
         return SequenceBatch(self.features.to(device, non_blocking=non_blocking),
                              self.user_index.to(device, non_blocking=non_blocking),
-                             self.weights.to(device, non_blocking=non_blocking), self.next_item_targets)
+                             self.weights.to(device, non_blocking=non_blocking), self.next_item_targets,
+                             self.host_offsets)
 
     def pin_memory(self) -> "SequenceBatch":
         return SequenceBatch(self.features.pin_memory(), self.user_index.pin_memory(), self.weights.pin_memory(),
-                             self.next_item_targets)
+                             self.next_item_targets, self.host_offsets)
+
+    def check_item_ids(self, num_items: int) -> None:
+        """Raises a one-line :class:`DataError` unless every item id of this (CPU) batch lies in
+        ``[0, num_items]``: the host-side check, so the lookups on a GPU need not read ids back."""
+        for key in ("item_id", "target_id"):
+            ids = self.jagged(key).values()
+            if ids.device.type != "cpu" or ids.numel() == 0:
+                continue
+            bad = (ids < 0) | (ids > num_items)
+            if bool(bad.any()):
+                raise DataError(f"item id {int(ids[bad][0])} is outside the item table [0, {num_items}]")
+
+
+def to_device(batch: SequenceBatch, device: torch.device) -> SequenceBatch:
+    """``batch`` on ``device``: through pinned memory with non-blocking copies on CUDA (the copy
+    overlaps the GPU's work and the host does not wait), a plain ``.to`` elsewhere."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
+def prefetch_to_device(batches: Iterable[SequenceBatch], device: torch.device) -> Iterator[SequenceBatch]:
+    """Yields ``batches`` on ``device``, one batch ahead: batch i+1 is collated, pinned and its
+    copy queued before batch i is handed out, so on CUDA the host prepares the next batch while
+    the GPU still runs the current step. On the CPU it is a plain ``.to`` per batch."""
+    if device.type != "cuda":
+        for batch in batches:
+            yield batch.to(device)
+        return
+    it = iter(batches)
+    try:
+        current = to_device(next(it), device)
+    except StopIteration:
+        return
+    for batch in it:
+        upcoming = to_device(batch, device)
+        yield current
+        current = upcoming
+    yield current
 
 
 def collate(split: Split, examples: np.ndarray, weights: np.ndarray) -> SequenceBatch:
@@ -78,8 +129,9 @@ def collate(split: Split, examples: np.ndarray, weights: np.ndarray) -> Sequence
         values=torch.from_numpy(values.astype(np.int64)),
         lengths=torch.from_numpy(all_lengths.astype(np.int32)),
     )
+    host_offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
     return SequenceBatch(features, torch.from_numpy(split.user_index[examples]),
-                         torch.from_numpy(weights.astype(np.float32)), split.targets is None)
+                         torch.from_numpy(weights.astype(np.float32)), split.targets is None, host_offsets)
 
 
 def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from sidvid_rec.config import Config, DecoderSettings, narrow
 from sidvid_rec.data import Split
-from sidvid_rec.data.batches import BatchIterator
+from sidvid_rec.data.batches import BatchIterator, prefetch_to_device
 from sidvid_rec.decode import DecodeContext, DecoderKind, decode
 from sidvid_rec.eval.metrics import RankMetrics
 from sidvid_rec.eval.ranking import evaluate_ranking, summarize
@@ -49,8 +49,7 @@ def evaluate_decoder(kind: DecoderKind, ctx: DecodeContext, batches: Iterable["S
     """Accumulates rank metrics of decoder ``kind`` over ``batches`` (this process's share)."""
     metrics = RankMetrics(ks)
     k = max(ks)
-    for batch in batches:
-        batch = batch.to(device)
+    for batch in prefetch_to_device(batches, device):  # pinned, non-blocking copies on CUDA
         top = decode(kind, ctx, batch, k)
         metrics.update(list_ranks(top.items, batch.jagged("target_id").values()), batch.weights)
     return metrics

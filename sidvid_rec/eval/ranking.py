@@ -9,7 +9,7 @@ from typing import Dict, Iterable, Protocol
 
 import torch
 
-from sidvid_rec.data.batches import SequenceBatch
+from sidvid_rec.data.batches import SequenceBatch, prefetch_to_device
 from sidvid_rec.eval.metrics import RankMetrics, target_ranks
 
 
@@ -34,8 +34,7 @@ def evaluate_ranking(model: RankingModel, batches: Iterable[SequenceBatch], ks, 
     """Accumulates rank metrics of ``model`` over ``batches`` (this process's share)."""
     metrics = RankMetrics(ks)
     items = model.item_vectors()  # [N + 1, D]
-    for batch in batches:
-        batch = batch.to(device)
+    for batch in prefetch_to_device(batches, device):  # pinned, non-blocking copies on CUDA
         scores = model.query(batch) @ items.T  # [B, N + 1]
         scores[:, 0] = float("-inf")
         if filter_history:

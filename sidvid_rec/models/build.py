@@ -23,7 +23,7 @@ from sidvid_rec.losses import InfoNCELoss, SampledSoftmaxLoss
 from sidvid_rec.models.cobra import CobraRecommender
 from sidvid_rec.models.hstu_rec import HSTURecommender
 from sidvid_rec.modules.embeddings import ItemEmbeddings
-from sidvid_rec.modules.hstu import HSTUEncoder, HSTUParams
+from sidvid_rec.modules.hstu import HSTUEncoder, HSTUParams, set_matmul_precision
 from sidvid_rec.semantic_ids.artifacts import load_sid_artifacts
 from sidvid_rec.semantic_ids.codebook import SemanticIdCodebook
 from sidvid_rec.text import embed_dataset
@@ -71,7 +71,12 @@ def encoder_params(cfg: Config) -> HSTUParams:
 
 
 def build_encoder(cfg: Config) -> HSTUEncoder:
-    return HSTUEncoder.from_params(encoder_params(cfg))
+    """The HSTU of ``cfg`` with ``train.precision`` applied (bf16 autocast on the encoder; the
+    TF32 matmul switch is process-wide, :func:`~sidvid_rec.modules.hstu.set_matmul_precision`)."""
+    encoder = HSTUEncoder.from_params(encoder_params(cfg))
+    encoder.precision = cfg.train.precision
+    set_matmul_precision(cfg.train.precision)
+    return encoder
 
 
 def build_embeddings(cfg: Config, data: SequenceData, codebook: Optional[SemanticIdCodebook],

@@ -53,7 +53,7 @@ class HSTURecommender(nn.Module):
         # Training: position i's query time is its target's time.
         query_times = batch.jagged("target_timestamp").values()
         h = self.encoder(self.embeddings.embed(items.values()), items.offsets(), times.values(),
-                         query_timestamps=query_times)  # [T, D]
+                         query_timestamps=query_times, host_offsets=batch.input_host_offsets())  # [T, D]
         out = self.loss(h, target_ids, self.embeddings.embed, generator=generator)
         return StepOutput(out.loss, out.num_positions)
 
@@ -61,7 +61,8 @@ class HSTURecommender(nn.Module):
         """``[B, D]``: the state after each sequence's last item (scores every candidate)."""
         items, times = batch.jagged("item_id"), batch.jagged("timestamp")
         return self.encoder.last_states(self.embeddings.embed(items.values()), items.offsets(), times.values(),
-                                        batch.jagged("target_timestamp").values())
+                                        batch.jagged("target_timestamp").values(),
+                                        host_offsets=batch.input_host_offsets())
 
     @torch.no_grad()
     def export_vectors(self) -> Dict[str, Tensor]:

@@ -209,8 +209,13 @@ class ItemEmbeddings(nn.Module):
     # -- lookups
 
     def check_ids(self, item_ids: torch.Tensor) -> None:
-        """Raises a one-line :class:`DataError` naming the first id outside ``[0, N]``."""
-        if item_ids.numel() == 0:
+        """Raises a one-line :class:`DataError` naming the first id outside ``[0, N]``.
+
+        Checked on CPU tensors only: reading ids on a GPU would sync the host every lookup. Ids on
+        a GPU come from batches already checked on the host (``SequenceBatch.check_item_ids``),
+        or are computed (``arange``, sampled negatives, the SID catalogue) in range.
+        """
+        if item_ids.numel() == 0 or item_ids.device.type != "cpu":
             return
         bad = (item_ids < 0) | (item_ids > self._num_items)
         if bool(bad.any()):
@@ -235,17 +240,20 @@ class ItemEmbeddings(nn.Module):
         if num_bags < num_positions:
             raise ValueError(f"num_bags={num_bags} is smaller than the {num_positions} positions")
         pad = torch.zeros(num_bags - num_positions, dtype=torch.long, device=ids.device)
-        values, lengths = [], []
+        values, lengths, per_key = [], [], []
         if self.uses_id:
             values.append(ids)
             lengths += [torch.ones_like(ids), pad]
+            per_key.append(num_positions)
         if self.uses_sid:
             prefixes = self.sid_prefix_table.to(ids.device)[ids]  # [T, L]
             values.append(prefixes.reshape(-1))
             lengths += [torch.full_like(ids, prefixes.shape[1]), pad]
-        return KeyedJaggedTensor.from_lengths_sync(
-            keys=self.feature_names, values=torch.cat(values), lengths=torch.cat(lengths)
-        )
+            per_key.append(num_positions * prefixes.shape[1])
+        # The values per key are known on the host (1 or L per position), so the KJT is built
+        # without from_lengths_sync's read-back of the lengths (a host sync on a GPU).
+        return KeyedJaggedTensor(keys=self.feature_names, values=torch.cat(values), lengths=torch.cat(lengths),
+                                 stride=num_bags, length_per_key=per_key)
 
     def forward(self, features: KeyedJaggedTensor) -> ItemVectors:
         """Pooled lookups: KJT from :meth:`features` -> :class:`ItemVectors` ``[B, D]`` each.

@@ -39,10 +39,24 @@ from torch import Tensor, nn
 
 from sidvid_rec.errors import ConfigError, DataError
 from sidvid_rec.ops import hstu_attention, jagged
-from sidvid_rec.types import AttentionScale
+from sidvid_rec.types import AttentionScale, Precision
 
 LAYER_NORM_EPS: float = 1e-6
 L2_NORM_EPS: float = 1e-6
+
+
+def autocast_dtype(precision: Precision) -> Optional[torch.dtype]:
+    """The autocast dtype of ``precision`` (``bf16`` -> bfloat16; ``fp32``/``tf32`` -> None: no autocast)."""
+    if precision not in ("fp32", "tf32", "bf16"):
+        raise ConfigError(f"train.precision must be fp32, tf32 or bf16, got {precision!r}")
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def set_matmul_precision(precision: Precision) -> None:
+    """TF32 matmuls on CUDA for ``tf32``, off otherwise (torch's default); no effect on the CPU."""
+    autocast_dtype(precision)  # validates
+    torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
+    torch.backends.cudnn.allow_tf32 = precision == "tf32"
 
 
 def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
@@ -185,6 +199,10 @@ class HSTUEncoder(nn.Module):
         """Use the fused attention kernel (``False``: plain autograd ops, for checks)."""
         self.chunk_overhead: float = jagged.DEFAULT_CHUNK_OVERHEAD
         """Per-chunk cost used to group sequences by length (see ``plan_length_chunks``)."""
+        self.precision: Precision = "fp32"
+        """``bf16``: the layers run under bfloat16 autocast (inputs, plan and output stay float32;
+        the attention casts explicitly); ``fp32``/``tf32``: float32 (TF32 is a global matmul switch,
+        :func:`set_matmul_precision`). Set by the model builder from ``train.precision``."""
         self.pos_emb = nn.Embedding(max_len, dim)
         std = math.sqrt(1.0 / dim)  # the reference's truncated normal (at 2 std)
         nn.init.trunc_normal_(self.pos_emb.weight, std=std, a=-2 * std, b=2 * std)
@@ -198,12 +216,13 @@ class HSTUEncoder(nn.Module):
         return cls(p.max_len, p.dim, p.num_blocks, p.num_heads, p.dqk, p.dv, p.dropout, p.attn_dropout,
                    p.num_time_buckets, p.attention_scale)
 
-    def last_states(self, x: Tensor, offsets: Tensor, timestamps: Tensor, target_timestamps: Tensor) -> Tensor:
+    def last_states(self, x: Tensor, offsets: Tensor, timestamps: Tensor, target_timestamps: Tensor,
+                    host_offsets: Optional[Tensor] = None) -> Tensor:
         """``[B, D]`` state after each sequence's last item, every row querying with the next
         item's time and the last one with the target's ``target_timestamps [B]`` (the
         reference's evaluation): what scores the candidates of the next item."""
         query = jagged.next_timestamps(timestamps, offsets, last=target_timestamps)
-        return self(x, offsets, timestamps, query_timestamps=query)[offsets[1:] - 1]
+        return self(x, offsets, timestamps, query_timestamps=query, host_offsets=host_offsets)[offsets[1:] - 1]
 
     def forward(
         self,
@@ -212,6 +231,7 @@ class HSTUEncoder(nn.Module):
         timestamps: Tensor,
         positions: Optional[Tensor] = None,
         query_timestamps: Optional[Tensor] = None,
+        host_offsets: Optional[Tensor] = None,
     ) -> Tensor:
         """Encodes a jagged batch.
 
@@ -227,23 +247,34 @@ class HSTUEncoder(nn.Module):
                 the last item's own time at the end). To match the reference exactly pass
                 ``next_timestamps(timestamps, offsets, last=target_timestamps)``. COBRA
                 passes its own (a SID/VID pair shares one time).
+            host_offsets: optional ``offsets`` on the CPU (a batch keeps them): the length
+                checks and the attention's chunking read them, so offsets on a GPU are never
+                copied back to the host. Without them, offsets on a GPU cost one copy.
 
         Returns:
             ``[T, D]`` L2-normalised outputs; row ``offsets[b+1] - 1`` is sequence ``b``'s state.
         """
-        self._check_inputs(x, offsets, timestamps, positions, query_timestamps)
+        host = jagged.host_offsets_of(offsets, host_offsets)  # the CPU copy, read once
+        self._check_inputs(x, offsets, timestamps, positions, query_timestamps, host)
         if query_timestamps is None:
             query_timestamps = jagged.next_timestamps(timestamps, offsets)
         plan = hstu_attention.build_attention_plan(
             offsets, timestamps, query_timestamps, positions, self.max_len, self.num_time_buckets,
-            scale_by_length=self.attention_scale == "length", overhead=self.chunk_overhead,
+            scale_by_length=self.attention_scale == "length", overhead=self.chunk_overhead, host_offsets=host,
         )
         if positions is None:
             positions = jagged.index_within_sequence(offsets, x.shape[0])
         h = x * math.sqrt(self.dim) + self.pos_emb(positions)
         h = fast_dropout(h, self._dropout, self.training)
-        for layer in self.layers:
-            h = layer(h, plan, fused=self.fused)
+        dtype = autocast_dtype(self.precision)
+        if dtype is not None and h.device.type in ("cpu", "cuda"):
+            with torch.autocast(h.device.type, dtype=dtype):
+                for layer in self.layers:
+                    h = layer(h, plan, fused=self.fused)
+            h = h.float()
+        else:
+            for layer in self.layers:
+                h = layer(h, plan, fused=self.fused)
         return h / h.norm(dim=-1, keepdim=True).clamp(min=L2_NORM_EPS)
 
     def _check_inputs(
@@ -253,18 +284,24 @@ class HSTUEncoder(nn.Module):
         timestamps: Tensor,
         positions: Optional[Tensor],
         query_timestamps: Optional[Tensor],
+        host_offsets: Tensor,
     ) -> None:
-        """Raises :class:`DataError` (one line) on inconsistent shapes or too-long sequences."""
+        """Raises :class:`DataError` (one line) on inconsistent shapes or too-long sequences.
+
+        Shapes are checked on the tensors, values on the host: the offsets through their CPU copy
+        ``host_offsets``; explicit ``positions`` only when they are on the CPU (reading them on a
+        GPU would sync every step; the callers that pass them, COBRA, derive them from offsets).
+        """
         if x.dim() != 2 or x.shape[1] != self.dim:
             raise DataError(f"HSTU input must be [T, {self.dim}], got {tuple(x.shape)}")
-        jagged.validate_offsets(offsets, x.shape[0])
+        jagged.validate_offsets(offsets, x.shape[0], host_offsets)
         for name, t in (("timestamps", timestamps), ("positions", positions), ("query_timestamps", query_timestamps)):
             if t is not None and tuple(t.shape) != (x.shape[0],):
                 raise DataError(f"{name} must be [T]=[{x.shape[0]}], got {tuple(t.shape)}")
-        longest = int(jagged.offsets_to_lengths(offsets).max())
+        longest = int(jagged.offsets_to_lengths(host_offsets).max())
         if positions is None and longest > self.max_len:
             raise DataError(f"a sequence has {longest} tokens, more than max_len={self.max_len}")
-        if positions is not None and positions.numel() and not (
+        if positions is not None and positions.numel() and positions.device.type == "cpu" and not (
             0 <= int(positions.min()) and int(positions.max()) < self.max_len
         ):
             raise DataError(f"positions must lie in [0, max_len={self.max_len})")

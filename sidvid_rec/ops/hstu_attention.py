@@ -12,8 +12,9 @@ Shapes: jagged rows ``[T, H * d]`` with ``offsets [B+1]``; per chunk ``b`` seque
 width ``n``; ``H`` heads.
 """
 
+import contextlib
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import ContextManager, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -29,6 +30,30 @@ from sidvid_rec.ops.jagged import (
 # Bias of positions outside the causal mask: silu(s - 1e9) is exactly 0 in float32 and so
 # is its gradient, which makes the mask free (it rides on the bias gather).
 MASKED_BIAS: float = -1e9
+
+
+def masked_bias(dtype: torch.dtype) -> float:
+    """The mask bias in ``dtype``: :data:`MASKED_BIAS` where it is representable (float32,
+    bfloat16), else half the dtype's largest magnitude (float16: -32752; -1e9 would overflow to
+    -inf there and silu(-inf) = -inf * 0 = nan). silu of it is still exactly 0, and q k^T added
+    to it cannot overflow."""
+    return max(MASKED_BIAS, -0.5 * torch.finfo(dtype).max)
+
+
+def autocast_off(device: torch.device) -> ContextManager:
+    """Autocast disabled on ``device`` (the attention casts explicitly); a no-op context on a
+    device type autocast does not know (e.g. ``meta``)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def compute_table(table: Tensor, dtype: torch.dtype) -> Tensor:
+    """The flat bias table cast to the attention's compute dtype, its masked entries clamped
+    to :func:`masked_bias` first (float32: unchanged; no overflow to -inf in float16)."""
+    if table.dtype == dtype:
+        return table
+    return table.clamp(min=masked_bias(dtype)).to(dtype)
 
 
 @dataclass
@@ -111,8 +136,12 @@ def build_attention_plan(
     num_time_buckets: int,
     scale_by_length: bool,
     overhead: float = DEFAULT_CHUNK_OVERHEAD,
+    host_offsets: Optional[Tensor] = None,
 ) -> AttentionPlan:
     """Chunks the batch and precomputes each chunk's bias index and ``1/n`` scale.
+
+    The chunking is host-side metadata: it reads ``host_offsets`` (the same offsets on the CPU)
+    when given, else copies ``offsets`` to the CPU (a host sync when they are on a GPU).
 
     Args:
         offsets: ``[B+1]``.
@@ -122,7 +151,7 @@ def build_attention_plan(
             ``None`` = index within the sequence (no pairwise work needed for it).
         scale_by_length: divide by each sequence's true length, else by ``max_len``.
     """
-    layout = plan_length_chunks(offsets, overhead)
+    layout = plan_length_chunks(offsets, overhead, host_offsets=host_offsets)
     rows = layout.gather_rows
     key_rows, query_rows = timestamps.index_select(0, rows), query_timestamps.index_select(0, rows)
     pos_rows = None if positions is None else positions.index_select(0, rows).to(torch.int32)
@@ -134,8 +163,11 @@ def build_attention_plan(
         bias_index.append(
             _chunk_bias_index(key_rows[span].view(shape), query_rows[span].view(shape), pos, max_len, num_time_buckets)
         )
-        denom = chunk.lengths.to(torch.float32) if scale_by_length else torch.full(shape[:1], float(max_len))
-        row_scale.append(denom.to(timestamps.device).reciprocal().view(-1, 1, 1))
+        if scale_by_length:
+            denom = chunk.lengths.to(torch.float32)
+        else:
+            denom = torch.full(shape[:1], float(max_len), device=chunk.lengths.device)
+        row_scale.append(denom.reciprocal().view(-1, 1, 1))
     return AttentionPlan(layout, bias_index, row_scale)
 
 
@@ -188,6 +220,16 @@ class _PointwiseAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, table, plan, num_heads):  # type: ignore[override]
+        # Explicit dtypes, autocast off: everything runs in q's dtype (float32, or bfloat16 when
+        # the encoder runs under bf16 autocast), the bias table cast to it with a safe mask value.
+        with autocast_off(q.device):
+            return _PointwiseAttention._forward(ctx, q, k, v, table, plan, num_heads)
+
+    @staticmethod
+    def _forward(ctx, q, k, v, table, plan, num_heads):  # type: ignore[no-untyped-def]
+        dtype = q.dtype
+        k, v = k.to(dtype), v.to(dtype)
+        table_c = compute_table(table, dtype)
         gather, scatter = plan.layout.gather_rows, plan.layout.scatter_rows
         q_rows, k_rows, v_rows = (t.index_select(0, gather) for t in (q, k, v))  # [P, H*d]
         out_rows = v_rows.new_empty(v_rows.shape)
@@ -197,14 +239,14 @@ class _PointwiseAttention(torch.autograd.Function):
             b, n = chunk.num_seqs, chunk.width
             span = slice(chunk.row_begin, chunk.row_begin + b * n)
             qc, kc, vc = (_heads(r[span], b, n, num_heads) for r in (q_rows, k_rows, v_rows))
-            bias = table.index_select(0, plan.bias_index[c].view(-1)).view(b, n, n)
+            bias = table_c.index_select(0, plan.bias_index[c].view(-1)).view(b, n, n)
             s = _scores(qc, kc, bias, b, num_heads)  # [b*H, n, n]
             # reuse buffers: fresh [b, n, n] allocations cost page faults on CPU
             a = torch.ops.aten.silu.out(s, out=bias) if num_heads == 1 else torch.nn.functional.silu(s)
             del bias
             _bmm_into(a, vc, out_rows[span], b, num_heads)
             del a
-            out_rows[span].view(b, n, -1).mul_(plan.row_scale[c])
+            out_rows[span].view(b, n, -1).mul_(plan.row_scale[c].to(dtype))
             if keep_scores:
                 saved_scores.append(s)
         # saved tensors (not ctx attributes) are freed right after backward
@@ -215,7 +257,14 @@ class _PointwiseAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):  # type: ignore[override]
+        with autocast_off(grad_out.device):
+            return _PointwiseAttention._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):  # type: ignore[no-untyped-def]
         q_rows, k_rows, v_rows, table, *rest = ctx.saved_tensors
+        dtype = q_rows.dtype
+        grad_out = grad_out.to(dtype)
         layout, heads = ctx.layout, ctx.num_heads
         bias_index, scores = rest[: len(layout.chunks)], rest[len(layout.chunks) :]
         scatter = layout.scatter_rows
@@ -226,7 +275,7 @@ class _PointwiseAttention(torch.autograd.Function):
             b, n = chunk.num_seqs, chunk.width
             span = slice(chunk.row_begin, chunk.row_begin + b * n)
             qc, kc, vc = (_heads(r[span], b, n, heads) for r in (q_rows, k_rows, v_rows))
-            g = _heads(grad_rows[span], b, n, heads) * _repeat_scale(ctx.row_scale[c], heads)  # [bH, n, dv]
+            g = _heads(grad_rows[span], b, n, heads) * _repeat_scale(ctx.row_scale[c], heads).to(dtype)  # [bH, n, dv]
             s = scores[c]
             a = torch.nn.functional.silu(s)
             _bmm_into(a.transpose(1, 2), g, grads[2][span], b, heads)
@@ -235,9 +284,9 @@ class _PointwiseAttention(torch.autograd.Function):
             _bmm_into(grad_s, kc, grads[0][span], b, heads)
             _bmm_into(grad_s.transpose(1, 2), qc, grads[1][span], b, heads)
             grad_bias = grad_s if heads == 1 else grad_s.view(b, heads, n, n).sum(1)
-            grad_table += torch.bincount(
-                bias_index[c].view(-1), weights=grad_bias.reshape(-1), minlength=table.numel()
-            )
+            # index_add_, not bincount: a weighted bincount on CUDA reads its input's maximum
+            # back to the host (a sync per chunk and layer); sums accumulate in the table's dtype.
+            grad_table.index_add_(0, bias_index[c].view(-1), grad_bias.reshape(-1).to(grad_table.dtype))
         grad_q, grad_k, grad_v = (gr.index_select(0, scatter) for gr in grads)
         return grad_q, grad_k, grad_v, grad_table, None, None
 
@@ -254,6 +303,9 @@ def _pointwise_attention_autograd(
 ) -> Tensor:
     """Same maths as :class:`_PointwiseAttention` with plain autograd ops (and attention dropout)."""
     outs = []
+    dtype = q_rows.dtype
+    k_rows, v_rows = k_rows.to(dtype), v_rows.to(dtype)
+    table = compute_table(table, dtype)
     for c, chunk in enumerate(plan.layout.chunks):
         b, n = chunk.num_seqs, chunk.width
         span = slice(chunk.row_begin, chunk.row_begin + b * n)
@@ -261,7 +313,7 @@ def _pointwise_attention_autograd(
         bias = table[plan.bias_index[c].long()]  # [b, n, n]
         a = torch.nn.functional.silu(_scores(q, k, bias, b, num_heads))
         a = torch.nn.functional.dropout(a, p=attn_dropout, training=training)
-        o = torch.bmm(a, v) * _repeat_scale(plan.row_scale[c], num_heads)
+        o = torch.bmm(a, v) * _repeat_scale(plan.row_scale[c], num_heads).to(dtype)
         outs.append(_unheads(o, b, num_heads).reshape(b * n, -1))
     return torch.cat(outs, dim=0)
 
@@ -292,7 +344,8 @@ def jagged_pointwise_attention(
     if fused and not (training and attn_dropout > 0):
         return _PointwiseAttention.apply(q, k, v, table, plan, num_heads)
     rows = plan.layout.gather_rows
-    out_rows = _pointwise_attention_autograd(
-        q[rows], k[rows], v[rows], table, plan, num_heads, attn_dropout, training
-    )
+    with autocast_off(q.device):  # explicit dtypes, as the fused path
+        out_rows = _pointwise_attention_autograd(
+            q[rows], k[rows], v[rows], table, plan, num_heads, attn_dropout, training
+        )
     return out_rows[plan.layout.scatter_rows]

@@ -17,21 +17,36 @@ Example::
     index_within_sequence(offsets)                         # tensor([0, 1, 2, 0, 0, 1])
 """
 
+import functools
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Union
 
-import numpy as np
 import torch
+
+try:  # numpy runs the chunking DP fastest; a torch-only install (benchmarks/gpu_check.py) uses torch
+    import numpy as np
+except ImportError:  # pragma: no cover - numpy is part of the supported stack
+    np = None  # type: ignore[assignment]
 from torch import Tensor
 
 from sidvid_rec.errors import DataError
 
-try:  # registers torch.ops.fbgemm (jagged <-> padded kernels); optional fast path only
-    import fbgemm_gpu  # noqa: F401
+@functools.lru_cache(maxsize=None)
+def _fbgemm_jagged(device_type: str) -> bool:
+    """Whether fbgemm's jagged <-> padded kernels can run on ``device_type`` (an optional fast
+    path). Imported lazily: this module needs torch alone (benchmarks/gpu_check.py runs it on a
+    machine without fbgemm), and a CPU-only fbgemm has no CUDA kernels."""
+    try:
+        import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
 
-    _HAS_FBGEMM = hasattr(torch.ops.fbgemm, "jagged_to_padded_dense")
-except ImportError:  # pragma: no cover - fbgemm is part of the supported stack
-    _HAS_FBGEMM = False
+        if not hasattr(torch.ops.fbgemm, "jagged_to_padded_dense"):
+            return False
+        if device_type != "cpu":
+            probe = torch.zeros(1, 1, device=device_type)
+            torch.ops.fbgemm.jagged_to_padded_dense(probe, [torch.tensor([0, 1], device=device_type)], [1], 0.0)
+        return True
+    except Exception:  # noqa: BLE001  (not installed, a mismatched build, no kernel for the device)
+        return False
 
 # Relative-time buckets as in the reference HSTU: floor(ln(max(|dt|, 1)) / 0.301).
 TIME_BUCKET_DIVISOR: float = 0.301
@@ -49,18 +64,50 @@ def offsets_to_lengths(offsets: Tensor) -> Tensor:
     return (offsets[1:] - offsets[:-1]).to(torch.int64)
 
 
-def validate_offsets(offsets: Tensor, num_values: int) -> None:
-    """Raises :class:`DataError` unless ``offsets`` is a valid ``[B+1]`` offsets vector for ``T`` rows."""
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``; a CPU tensor goes to CUDA through pinned memory with a non-blocking
+    copy, so the host does not wait for the GPU's queue (a pageable copy would)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def host_offsets_of(offsets: Tensor, host_offsets: Optional[Tensor] = None) -> Tensor:
+    """The offsets on the CPU (int64): ``host_offsets`` when the caller has them (a batch keeps
+    its host-side offsets), ``offsets`` itself when it is on the CPU, else one device -> host
+    copy (a sync; the training path passes ``host_offsets`` to avoid it)."""
+    if host_offsets is not None:
+        if host_offsets.device.type != "cpu":
+            raise ValueError(f"host_offsets must be a CPU tensor, got one on {host_offsets.device}")
+        return host_offsets.to(torch.int64)
+    return offsets.detach().to("cpu", torch.int64)
+
+
+def validate_offsets(offsets: Tensor, num_values: int, host_offsets: Optional[Tensor] = None) -> None:
+    """Raises :class:`DataError` unless ``offsets`` is a valid ``[B+1]`` offsets vector for ``T`` rows.
+
+    Shape and dtype are checked on ``offsets``; the values (``0 .. T``, non-decreasing) on a
+    CPU tensor only: ``host_offsets`` when given, ``offsets`` when it is on the CPU. Offsets on
+    a GPU without a host copy are not read (that would sync the host with the GPU every step);
+    batches are built on the host, which is where their values are checked.
+    """
     if offsets.dim() != 1 or offsets.numel() < 1:
         raise DataError(f"offsets must be a 1-D tensor [B+1], got shape {tuple(offsets.shape)}")
     if offsets.dtype not in (torch.int32, torch.int64):
         raise DataError(f"offsets must be int32 or int64, got {offsets.dtype}")
     if offsets.numel() == 1:
         raise DataError("empty batch: offsets has no sequences")
-    first, last = int(offsets[0]), int(offsets[-1])
+    values = host_offsets if host_offsets is not None else (offsets if offsets.device.type == "cpu" else None)
+    if values is None:
+        return
+    if tuple(values.shape) != tuple(offsets.shape):
+        raise DataError(f"host offsets {tuple(values.shape)} do not match offsets {tuple(offsets.shape)}")
+    first, last = int(values[0]), int(values[-1])
     if first != 0 or last != num_values:
         raise DataError(f"offsets must run from 0 to T={num_values}, got {first}..{last}")
-    if bool((offsets[1:] < offsets[:-1]).any()):
+    if bool((values[1:] < values[:-1]).any()):
         raise DataError("offsets must be non-decreasing")
 
 
@@ -85,16 +132,21 @@ def next_timestamps(timestamps: Tensor, offsets: Tensor, last: Optional[Tensor] 
     gets ``last[b]`` when given (the reference HSTU scatters the target item's timestamp
     there, so pass the targets' timestamps ``[B]`` to match it), else its own timestamp.
     """
-    out = torch.empty_like(timestamps)
-    if timestamps.numel() == 0:
-        return out
-    out[:-1] = timestamps[1:]
-    ends = offsets[1:][offsets[1:] > offsets[:-1]] - 1  # last row of each non-empty sequence
+    total = timestamps.numel()
+    if total == 0:
+        return torch.empty_like(timestamps)
+    # One spare row at the end: empty sequences write there (no data-dependent mask, so no
+    # host sync on a GPU), and it is cut off.
+    out = torch.empty(total + 1, dtype=timestamps.dtype, device=timestamps.device)
+    out[:total - 1] = timestamps[1:]
+    nonempty = offsets[1:] > offsets[:-1]
+    ends = torch.where(nonempty, offsets[1:] - 1, total)  # last row of each sequence, or the spare row
     if last is None:
-        out[ends] = timestamps[ends]
+        src = timestamps[(offsets[1:] - 1).clamp(min=0)]
     else:
-        out[ends] = last.to(timestamps.dtype)[offsets[1:] > offsets[:-1]]
-    return out
+        src = last.to(timestamps.dtype)
+    out.index_copy_(0, ends.to(torch.int64), src)
+    return out[:total]
 
 
 def next_timestamps_reference(timestamps: Tensor, offsets: Tensor, last: Optional[Tensor] = None) -> Tensor:
@@ -126,7 +178,7 @@ def jagged_to_padded(values: Tensor, offsets: Tensor, max_len: int, padding_valu
 
     Sequences longer than ``max_len`` keep their first ``max_len`` rows (like fbgemm).
     """
-    if _HAS_FBGEMM and values.dim() == 2 and values.dtype == torch.float32:
+    if values.dim() == 2 and values.dtype == torch.float32 and _fbgemm_jagged(values.device.type):
         return torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [max_len], padding_value)
     batch = offsets.numel() - 1
     lengths = offsets_to_lengths(offsets).clamp(max=max_len)
@@ -153,7 +205,7 @@ def jagged_to_padded_reference(
 
 def padded_to_jagged(padded: Tensor, offsets: Tensor) -> Tensor:
     """``[B, N, ...]`` -> ``values [T, ...]`` (the first ``length_b`` rows of each sequence)."""
-    if _HAS_FBGEMM and padded.dim() == 3 and padded.dtype == torch.float32:
+    if padded.dim() == 3 and padded.dtype == torch.float32 and _fbgemm_jagged(padded.device.type):
         return torch.ops.fbgemm.dense_to_jagged(padded, [offsets])[0]
     lengths = offsets_to_lengths(offsets)
     cols = torch.arange(padded.shape[1], device=padded.device)
@@ -204,12 +256,16 @@ class ChunkPlan:
 DEFAULT_CHUNK_OVERHEAD: int = 50_000
 
 
-def _partition_sorted(lengths_desc: np.ndarray, overhead: float) -> List[int]:
+def _partition_sorted(lengths_desc: Union[Tensor, "np.ndarray"], overhead: float) -> List[int]:
     """Optimal cut points of descending lengths into chunks minimising ``sum(b_c * n_c^2 + overhead)``.
 
     Returns the chunk start indices. Dynamic programming over runs of equal lengths (a cut
     inside a run never beats the cut at the run's start), O(distinct lengths^2) numpy.
     """
+    if np is None:
+        return _partition_sorted_torch(lengths_desc, overhead)
+    if isinstance(lengths_desc, Tensor):
+        lengths_desc = lengths_desc.numpy()
     values, counts = np.unique(lengths_desc, return_counts=True)
     values, counts = values[::-1].astype(np.float64), counts[::-1]
     before = np.concatenate([[0], np.cumsum(counts)])  # sequences before each run
@@ -228,24 +284,47 @@ def _partition_sorted(lengths_desc: np.ndarray, overhead: float) -> List[int]:
     return cuts[::-1]
 
 
-def plan_length_chunks(offsets: Tensor, overhead: float = DEFAULT_CHUNK_OVERHEAD) -> ChunkPlan:
+def _partition_sorted_torch(lengths_desc: Tensor, overhead: float) -> List[int]:
+    """:func:`_partition_sorted` with torch ops (CPU), for an install without numpy: same DP,
+    same ties (``argmin`` returns the first minimum in both)."""
+    values, counts = torch.unique(lengths_desc, return_counts=True)
+    values, counts = values.flip(0).to(torch.float64), counts.flip(0)
+    before = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(counts, 0)]).to(torch.float64)
+    runs = values.numel()
+    best = torch.zeros(runs + 1, dtype=torch.float64)
+    start_of = [0] * (runs + 1)
+    for end in range(1, runs + 1):
+        costs = best[:end] + (before[end] - before[:end]) * values[:end] ** 2 + overhead
+        start_of[end] = int(torch.argmin(costs))
+        best[end] = costs[start_of[end]]
+    cuts, end = [], runs
+    while end > 0:
+        end = start_of[end]
+        cuts.append(int(before[end]))
+    return cuts[::-1]
+
+
+def plan_length_chunks(offsets: Tensor, overhead: float = DEFAULT_CHUNK_OVERHEAD,
+                       host_offsets: Optional[Tensor] = None) -> ChunkPlan:
     """Groups the sequences of a jagged batch into dense chunks of similar lengths.
 
     Args:
         offsets: ``[B+1]`` jagged offsets (read on the CPU: the plan is host-side metadata).
         overhead: fixed cost of one chunk, in attention-matrix elements; ``0`` gives one chunk
             per distinct length (no padding at all), a huge value one chunk (pad to max length).
+        host_offsets: the same offsets on the CPU, when the caller has them (no device -> host
+            copy then; the index tensors go to the device with non-blocking copies).
 
     Returns:
         A :class:`ChunkPlan`; its index tensors live on ``offsets.device``.
     """
     device = offsets.device
-    offsets_cpu = offsets.detach().to("cpu", torch.int64)
+    offsets_cpu = host_offsets_of(offsets, host_offsets)
     lengths = offsets_to_lengths(offsets_cpu)
     nonempty = torch.nonzero(lengths > 0).flatten()
     order = nonempty[torch.argsort(lengths[nonempty], descending=True, stable=True)]
     sorted_lengths = lengths[order]
-    cuts = _partition_sorted(sorted_lengths.numpy(), overhead) + [order.numel()]
+    cuts = _partition_sorted(sorted_lengths, overhead) + [order.numel()]
     widths = torch.empty_like(sorted_lengths)
     chunks: List[LengthChunk] = []
     row = 0
@@ -254,7 +333,8 @@ def plan_length_chunks(offsets: Tensor, overhead: float = DEFAULT_CHUNK_OVERHEAD
         widths[begin:end] = width
         members = slice(begin, end)
         chunks.append(
-            LengthChunk(row, end - begin, width, sorted_lengths[members].to(device), order[members].to(device))
+            LengthChunk(row, end - begin, width, to_device(sorted_lengths[members], device),
+                        to_device(order[members], device))
         )
         row += (end - begin) * width
     row_start = lengths_to_offsets(widths)[:-1]  # first padded row of each sorted sequence
@@ -266,4 +346,4 @@ def plan_length_chunks(offsets: Tensor, overhead: float = DEFAULT_CHUNK_OVERHEAD
     start_by_seq[order] = row_start
     total = int(offsets_cpu[-1])
     scatter_rows = start_by_seq[sequence_ids(offsets_cpu, total)] + index_within_sequence(offsets_cpu, total)
-    return ChunkPlan(chunks, gather_rows.to(device), scatter_rows.to(device), row)
+    return ChunkPlan(chunks, to_device(gather_rows, device), to_device(scatter_rows, device), row)

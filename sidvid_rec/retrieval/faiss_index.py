@@ -10,7 +10,10 @@ Kinds (``RetrievalConfig.index``):
 
 Every kind is wrapped in an ``IndexIDMap`` so searches return item ids (1..N), never rows.
 With ``use_gpu`` and a faiss build with GPU support and a visible CUDA device, ``flat`` and
-``ivf`` are moved to GPU 0 (HNSW has no GPU version and stays on the CPU).
+``ivf`` are moved to this rank's GPU (:func:`gpu_device`: the current CUDA device, i.e.
+``LOCAL_RANK % devices``); HNSW has no GPU version and stays on the CPU. When a GPU index is
+asked for but faiss has no GPU support (or sees no GPU) the index stays on the CPU and says so
+in the log (a warning where torch sees CUDA), or raises with ``strict_gpu``.
 
 Files go through iopath: :meth:`VidIndex.save` writes with ``faiss.write_index`` to a local
 temporary file and copies it to the destination atomically; :meth:`VidIndex.load` reads a
@@ -23,6 +26,7 @@ Example::
     top = index.search_excluding(queries, 10, exclude_values, exclude_offsets)
 """
 
+import logging
 import math
 import os
 import shutil
@@ -40,6 +44,9 @@ from sidvid_rec.errors import ArtifactError, ConfigError
 from sidvid_rec.types import MISSING_ID, IndexKind  # MISSING_ID: what FAISS returns when it has fewer than k results
 
 
+log = logging.getLogger(__name__)
+
+
 class SearchResult(NamedTuple):
     scores: Tensor
     """``[Q, k]`` float32 inner products, best first (``-inf`` where ``ids`` is missing)."""
@@ -52,9 +59,46 @@ def _as_float32(x: Union[Tensor, np.ndarray]) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
+def gpu_unavailable_reason() -> Optional[str]:
+    """Why a GPU index cannot be built here, or ``None`` when it can."""
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    if not hasattr(faiss, "StandardGpuResources"):
+        return "the installed faiss has no GPU support (faiss-cpu; install faiss-gpu-cu12, see `make install-gpu`)"
+    if faiss.get_num_gpus() == 0:
+        return "faiss sees no GPU"
+    return None
+
+
 def gpu_available() -> bool:
     """faiss was built with GPU support and sees a GPU, and torch sees CUDA."""
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0 and torch.cuda.is_available()
+    return gpu_unavailable_reason() is None
+
+
+def gpu_device(device: Optional[int] = None) -> int:
+    """The GPU a FAISS index goes to: ``device`` when given, else this process's current CUDA
+    device (``init_distributed`` sets it to ``LOCAL_RANK % devices``), else ``LOCAL_RANK`` modulo
+    the GPUs faiss sees. Never a fixed GPU 0: every rank would then put its index on one GPU."""
+    count = max(faiss.get_num_gpus(), 1) if hasattr(faiss, "get_num_gpus") else 1
+    if device is not None:
+        return int(device) % count
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.current_device() % count
+    return int(os.environ.get("LOCAL_RANK", "0")) % count
+
+
+_warned: set = set()
+
+
+def _cpu_fallback(reason: str, strict: bool) -> None:
+    """A GPU index was asked for and cannot be built: raise (``strict``) or warn once per reason."""
+    message = f"retrieval.use_gpu=true but the FAISS index stays on the CPU: {reason}"
+    if strict:
+        raise ConfigError(message)
+    if reason not in _warned:
+        _warned.add(reason)
+        level = logging.WARNING if torch.cuda.is_available() else logging.INFO  # a CPU host expects a CPU index
+        log.log(level, message)
 
 
 def _base_index(kind: IndexKind, dim: int, num: int, hnsw_m: int, ivf_nlist: int) -> faiss.Index:
@@ -79,17 +123,28 @@ class VidIndex:
     """
 
     def __init__(self, index: faiss.Index, kind: IndexKind, ef_search: int = 256, nprobe: int = 16,
-                 use_gpu: bool = False) -> None:
+                 use_gpu: bool = False, gpu: Optional[int] = None, strict_gpu: bool = False) -> None:
+        """``use_gpu``: copy ``flat``/``ivf`` indexes to GPU ``gpu`` (default :func:`gpu_device`,
+        the rank's own); when that is impossible the index stays on the CPU with a logged message
+        (a warning where torch sees CUDA), or a :class:`ConfigError` with ``strict_gpu``."""
         self._cpu_index = index
         self.kind: IndexKind = kind
         self.dim: int = index.d
         self.on_gpu = False
+        self.gpu: Optional[int] = None
         self.set_search_params(ef_search, nprobe)
         self._index = index
-        if use_gpu and kind != "hnsw" and gpu_available():
-            self._gpu_resources = faiss.StandardGpuResources()
-            self._index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, index)
-            self.on_gpu = True
+        if use_gpu and kind == "hnsw":
+            log.info("retrieval.index=hnsw has no GPU version in faiss: the index stays on the CPU")
+        elif use_gpu:
+            reason = gpu_unavailable_reason()
+            if reason is not None:
+                _cpu_fallback(reason, strict_gpu)
+            else:
+                self.gpu = gpu_device(gpu)
+                self._gpu_resources = faiss.StandardGpuResources()
+                self._index = faiss.index_cpu_to_gpu(self._gpu_resources, self.gpu, index)
+                self.on_gpu = True
 
     @classmethod
     def build(cls, vectors: Union[Tensor, np.ndarray], ids: Union[Tensor, np.ndarray], kind: IndexKind = "flat",
@@ -124,7 +179,7 @@ class VidIndex:
         if nprobe is not None and isinstance(base, faiss.IndexIVF):
             base.nprobe = nprobe
             if self.on_gpu:
-                self._index = faiss.index_cpu_to_gpu(self._gpu_resources, 0, self._cpu_index)
+                self._index = faiss.index_cpu_to_gpu(self._gpu_resources, self.gpu, self._cpu_index)
 
     @property
     def ntotal(self) -> int:

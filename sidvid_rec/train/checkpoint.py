@@ -59,7 +59,7 @@ import re
 import uuid
 import warnings
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Dict, List, Optional, Tuple
+from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -549,20 +549,82 @@ def _dcp_load(state: Dict[str, Any], directory: str, path: str, no_dist: bool = 
         raise ArtifactError(f"checkpoint {path}: cannot load its data {directory} ({_describe(e)})")
 
 
+def drop_unmatched(state: Dict[str, Any], saved: Dict[str, Any], optional: Sequence[str],
+                   prefix: str = "") -> List[str]:
+    """Removes from ``state`` (in place) the tensor leaves under an ``optional`` key prefix that
+    the checkpoint lacks or holds with another shape; returns their dotted keys.
+
+    What such entries are for: state a checkpoint may legitimately not have, e.g. the CUDA RNG
+    state in a checkpoint written before it was saved (or on the CPU), or a generator state of
+    another device. The caller then re-seeds what was dropped instead of failing the resume.
+    """
+    dropped: List[str] = []
+    for key in list(state):
+        name, value = f"{prefix}{key}", state[key]
+        if isinstance(value, dict):
+            dropped += drop_unmatched(value, saved, optional, f"{name}.")
+            continue
+        if not any(name.startswith(p) for p in optional):
+            continue
+        meta = saved.get(name)
+        shape = value.size() if isinstance(value, (torch.Tensor, ShardedTensor)) else None
+        if not isinstance(meta, TensorStorageMetadata) or shape is None or tuple(meta.size) != tuple(shape):
+            del state[key]
+            dropped.append(name)
+    return dropped
+
+
 def load_checkpoint(path: str, state: Dict[str, Any], expected_fingerprint: Optional[str] = None,
-                    expected_data_fingerprint: Optional[str] = None) -> CheckpointRecord:
+                    expected_data_fingerprint: Optional[str] = None,
+                    optional: Sequence[str] = (), dropped: Optional[List[str]] = None) -> CheckpointRecord:
     """Fills ``state`` in place from the checkpoint of record ``path`` (collective); returns the record.
 
     ``state`` holds the current (possibly sharded) tensors; each rank reads the parts its
     shards need, whatever world size wrote them. Nothing is loaded when a check fails: the
     fingerprints (:func:`read_record`), the manifest (:func:`verify_data`), the metadata and
-    the shapes are all checked first.
+    the shapes are all checked first. Entries under an ``optional`` key prefix (``"rng."``) that
+    the checkpoint lacks or shapes differently are removed from ``state`` instead
+    (:func:`drop_unmatched`); their keys are appended to ``dropped``.
     """
     record = read_record(path, expected_fingerprint, expected_data_fingerprint)
     directory = verify_data(path, record)
-    _check_shapes(_read_metadata(directory), state, path, record)
+    metadata = _read_metadata(directory)
+    if optional:
+        removed = drop_unmatched(state, metadata.state_dict_metadata, optional)
+        if dropped is not None:
+            dropped.extend(removed)
+    _check_shapes(metadata, state, path, record)
     _dcp_load(state, directory, path)
     return record
+
+
+# ----------------------------------------------------------------------------- random streams
+
+
+def rng_state(generator: torch.Generator, device: torch.device) -> Dict[str, torch.Tensor]:
+    """This rank's random streams as tensors (what a checkpoint's ``rng.rank<r>`` holds):
+    ``torch`` (the CPU RNG), ``generator`` (the negative-sampling generator, on the training
+    device) and, when training on CUDA, ``cuda`` (that device's RNG: dropout draws there)."""
+    state = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if torch.device(device).type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: Dict[str, torch.Tensor], generator: torch.Generator, device: torch.device) -> List[str]:
+    """Inverse of :func:`rng_state` for the entries ``state`` has; returns the names it did not
+    have (an old or CPU checkpoint has no ``cuda``), which the caller re-seeds."""
+    missing = []
+    for name in ("torch", "generator") + (("cuda",) if torch.device(device).type == "cuda" else ()):
+        if name not in state:
+            missing.append(name)
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "generator" in state:
+        generator.set_state(state["generator"])
+    if "cuda" in state and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
+    return missing
 
 
 def load_model_weights(path: str, model: torch.nn.Module, expected_fingerprint: Optional[str] = None,

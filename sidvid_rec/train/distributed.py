@@ -25,7 +25,7 @@ number of ranks); :func:`gather_state_dict` still turns them into full tensors o
 """
 
 import zlib
-from typing import Any, List
+from typing import Any, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,7 +35,7 @@ from sidvid_rec.config import Config, TrainConfig
 from sidvid_rec.data import SequenceData
 from sidvid_rec.models.build import build_model
 from sidvid_rec.modules.embeddings import INIT_STD  # rows start as N(0, 0.02) truncated at 2 std
-from sidvid_rec.process_group import DistContext
+from sidvid_rec.process_group import DistContext, collective_device
 from sidvid_rec.stack import require_fbgemm
 from sidvid_rec.train.optimizers import apply_embedding_optimizer, table_modules
 from sidvid_rec.train.planner import check_world_size, sharding_plan
@@ -150,19 +150,31 @@ def build_sharded_model(cfg: Config, data: SequenceData, ctx: DistContext) -> Di
     return distribute(build_model(cfg, data, table_device="meta"), cfg.train, ctx).to(ctx.device)
 
 
-def gather_state_dict(state: Any) -> Any:
+def gather_device(ctx: DistContext) -> torch.device:
+    """Where :func:`gather_state_dict` allocates the full tensors: the collective device of the
+    group (the rank's GPU under nccl, which cannot gather into a CPU tensor; the CPU under gloo)."""
+    return collective_device(ctx)
+
+
+def gather_state_dict(state: Any, ctx: Optional[DistContext] = None) -> Any:
     """Replaces every ``ShardedTensor`` in a (nested) state dict by the full tensor.
 
     Collective: every rank must call it; rank 0 gets the full tensors, other ranks ``None``
-    in their place.
+    in their place. The full tensors are allocated on :func:`gather_device` of ``ctx``
+    (default: the device of the local shards, the CPU when a rank holds none).
     """
     if isinstance(state, ShardedTensor):
         rank = torch.distributed.get_rank()
-        out = torch.empty(state.size(), dtype=state.dtype) if rank == 0 else None
+        if ctx is not None:
+            device = gather_device(ctx)
+        else:
+            shards = state.local_shards()
+            device = shards[0].tensor.device if shards else torch.device("cpu")
+        out = torch.empty(state.size(), dtype=state.dtype, device=device) if rank == 0 else None
         state.gather(dst=0, out=out)
         return out
     if isinstance(state, dict):
-        return {k: gather_state_dict(v) for k, v in state.items()}
+        return {k: gather_state_dict(v, ctx) for k, v in state.items()}
     if isinstance(state, (list, tuple)):
-        return type(state)(gather_state_dict(v) for v in state)
+        return type(state)(gather_state_dict(v, ctx) for v in state)
     return state

@@ -73,15 +73,22 @@ class EmbeddingOptimizerSpec(NamedTuple):
     """Constructor kwargs; only keys both torch and fbgemm accept (``lr``, ``eps``)."""
 
 
+AUTO_EMBEDDING_OPTIMIZER = "rowwise_adagrad"
+"""What ``train.embedding_optimizer=auto`` means, on every device: fbgemm runs row-wise Adagrad
+on CPU and CUDA alike, and ``train.embedding_lr`` (default 0.05) is an Adagrad learning rate. An
+``auto`` that became Adam on CUDA would run Adam at that rate (50x the usual 1e-3) and train a
+different model on a GPU than on a CPU; Adam stays available as an explicit choice on CUDA."""
+
+
 def resolve_embedding_optimizer(name: EmbeddingOptimizer, device: Union[str, torch.device]) -> str:
-    """``auto`` -> ``rowwise_adagrad`` on CPU, ``adam`` on CUDA; ``adam`` on CPU -> ConfigError."""
+    """``auto`` -> ``rowwise_adagrad`` on every device; ``adam`` on CPU -> ConfigError."""
     if name not in get_args(EmbeddingOptimizer):
         raise ConfigError(
             f"train.embedding_optimizer: {name!r} is not one of {', '.join(get_args(EmbeddingOptimizer))}"
         )
     on_cuda = torch.device(device).type == "cuda"
     if name == "auto":
-        return "adam" if on_cuda else "rowwise_adagrad"
+        return AUTO_EMBEDDING_OPTIMIZER
     if not on_cuda and name not in CPU_EMBEDDING_OPTIMIZERS:
         raise ConfigError(
             f"train.embedding_optimizer={name} needs CUDA: fbgemm's CPU kernels support only "
@@ -98,7 +105,7 @@ def embedding_optimizer_kwargs(
     Args:
         name: ``auto``, ``rowwise_adagrad``, ``adagrad``, ``sgd`` or ``adam``.
         lr: table learning rate (Adagrad-family wants a larger one than AdamW, e.g. 0.05).
-        device: the training device; decides ``auto`` and rejects ``adam`` on CPU.
+        device: the training device; ``adam`` is rejected on CPU (``auto`` is the same everywhere).
     """
     if lr <= 0:
         raise ConfigError(f"train.embedding_lr must be positive, got {lr}")

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from sidvid_rec import storage
 from sidvid_rec.config import Config, dump_config, with_absolute_paths
 from sidvid_rec.data import SequenceData, load_sequences, make_split
-from sidvid_rec.data.batches import BatchIterator
+from sidvid_rec.data.batches import BatchIterator, prefetch_to_device
 from sidvid_rec.errors import ConfigError
 from sidvid_rec.eval.evaluate import evaluate_model
 from sidvid_rec.eval.records import METRICS_FILE, record_evaluation
@@ -92,14 +92,21 @@ def prepare_run_dir(cfg: Config, run_dir: str, ctx: DistContext) -> None:
 
 
 def _seed_streams(cfg: Config, rank: int, step: int, generator: torch.Generator) -> None:
-    """Seeds the random streams: dropout (global torch RNG, per rank) and negative sampling.
+    """Seeds the random streams: dropout (global torch RNG, CPU and CUDA, per rank) and negative sampling.
 
     Negatives are drawn per rank, except ``loss.shared_negatives``: one set for the whole
     global batch, so every rank draws the same set (as one process would).
     """
     seed = cfg.train.seed
-    torch.manual_seed(seed * 1000 + 500 + rank + 7919 * step)
+    torch.manual_seed(seed * 1000 + 500 + rank + 7919 * step)  # seeds every CUDA device too
     generator.manual_seed(seed * 1000 + (0 if cfg.loss.shared_negatives else rank) + 7919 * step)
+
+
+def negative_generator(device: torch.device) -> torch.Generator:
+    """The negative-sampling generator, on the training device: the losses draw ids where the
+    generator lives, so a CPU generator under CUDA training would draw on the CPU and copy the
+    ids to the GPU every step (a host -> device copy and sync per draw)."""
+    return torch.Generator(device=device)
 
 
 def _global_mean_scale(num_positions: int, ctx: DistContext) -> float:
@@ -113,6 +120,42 @@ def _global_mean_scale(num_positions: int, ctx: DistContext) -> float:
         return 1.0
     total = all_reduce_sum(torch.tensor([float(num_positions)], dtype=torch.float64), ctx)
     return ctx.world_size * num_positions / max(float(total[0]), 1.0)
+
+
+LOG_EVERY = 10
+"""Steps between two reads of the loss for the progress bar and TensorBoard (each read is a
+device -> host copy; the epoch's loss is accumulated on the device in between)."""
+
+
+class LossTotals:
+    """The epoch's running ``(sum of loss * scale, batches)``: the sum a float64 tensor on the
+    training device (``add`` never reads the loss back to the host), the count a host number.
+
+    Args:
+        loss_sum, loss_count: totals carried over (a resumed epoch's, on rank 0).
+        device: where the loss tensors live.
+    """
+
+    def __init__(self, loss_sum: float, loss_count: float, device: torch.device) -> None:
+        self.sum = torch.tensor(float(loss_sum), dtype=torch.float64, device=device)
+        self.count = float(loss_count)
+
+    def add(self, loss: torch.Tensor, scale: float) -> None:
+        self.sum += loss.detach().to(torch.float64) * scale
+        self.count += 1.0
+
+    def reduced(self, ctx: DistContext) -> tuple:
+        """``(sum, count)`` summed over ranks, as host floats (one read of the device sum)."""
+        total = torch.stack([self.sum.cpu(), torch.tensor(self.count, dtype=torch.float64)])
+        total = all_reduce_sum(total, ctx)
+        return float(total[0]), float(total[1])
+
+
+def _checked_batches(batches, num_items: int):
+    """``batches`` (CPU) with their item ids checked on the host (one line on a bad id)."""
+    for batch in batches:
+        batch.check_item_ids(num_items)
+        yield batch
 
 
 @dataclass
@@ -142,7 +185,8 @@ class Trainer:
         self.optimizers = build_optimizers(self.model, cfg.train)
         self.fingerprint = ckpt.model_fingerprint(cfg, data.num_items)
         self.data_fingerprint = data.fingerprint
-        self.generator = torch.Generator(device="cpu")
+        self.num_items = data.num_items
+        self.generator = negative_generator(ctx.device)
         _seed_streams(cfg, ctx.rank, 0, self.generator)
         self.state, self.position = TrainState(), Position()
         train_split = make_split(data, "train", cfg.data.protocol, cfg.data.max_len)
@@ -194,13 +238,13 @@ class Trainer:
         self.model.train()
         self.batches.set_epoch(epoch, start_batch=position.batch)
         # Rank 0 carries the (already reduced) totals of the batches trained before a resume.
-        total = torch.tensor([position.loss_sum, position.loss_count] if ctx.is_main else [0.0, 0.0],
-                             dtype=torch.float64)
+        losses = LossTotals(position.loss_sum if ctx.is_main else 0.0, position.loss_count if ctx.is_main else 0.0,
+                            ctx.device)
         every = cfg.train.checkpoint_every
         progress = tqdm(self.batches, total=len(self.batches), initial=position.batch, desc=f"epoch {epoch + 1}",
                         disable=not ctx.is_main, leave=False, dynamic_ncols=True)
-        for index, batch in enumerate(progress, start=position.batch):
-            batch = batch.to(ctx.device)
+        checked = _checked_batches(progress, self.num_items)  # ids checked on the host, before the copy
+        for index, batch in enumerate(prefetch_to_device(checked, ctx.device), start=position.batch):
             out = self.model(batch, generator=self.generator)
             scale = _global_mean_scale(out.num_positions, ctx)
             self.optimizers.zero_grad()
@@ -208,25 +252,25 @@ class Trainer:
             self.optimizers.step()
             state.step += 1
             # Summed over ranks, loss * scale is W times the global-batch mean (and 1 is W).
-            total += torch.tensor([float(out.loss.detach()) * scale, 1.0], dtype=torch.float64)
-            if ctx.is_main and state.step % 10 == 0:
-                progress.set_postfix(loss=f"{float(out.loss.detach()):.4f}")
+            losses.add(out.loss, scale)  # a device tensor: read at log time only (no sync per step)
+            if ctx.is_main and state.step % LOG_EVERY == 0:
+                value = float(out.loss.detach())
+                progress.set_postfix(loss=f"{value:.4f}")
                 if self.writer is not None:
-                    self.writer.add_scalar("train/loss", float(out.loss.detach()), state.step)
+                    self.writer.add_scalar("train/loss", value, state.step)
             if cfg.train.max_steps and state.step >= cfg.train.max_steps:
                 break
             if every and state.step % every == 0 and index + 1 < len(self.batches):
-                reduced = all_reduce_sum(total.clone(), ctx)
-                self._save(f"step-{state.step}", Position(index + 1, float(reduced[0]), float(reduced[1])))
-        total = all_reduce_sum(total, ctx)
-        return float(total[0] / max(total[1], 1.0))
+                loss_sum, loss_count = losses.reduced(ctx)
+                self._save(f"step-{state.step}", Position(index + 1, loss_sum, loss_count))
+        loss_sum, loss_count = losses.reduced(ctx)
+        return loss_sum / max(loss_count, 1.0)
 
     def _checkpoint_state(self, with_rng: bool = True) -> Dict[str, object]:
         """What a checkpoint holds: model (sharded tables + dense), both optimizers, this rank's RNG."""
         state: Dict[str, object] = {"model": self.model.state_dict(), "optim": self.optimizers.checkpoint_state()}
         if with_rng:
-            state["rng"] = {f"rank{self.ctx.rank}": {"torch": torch.get_rng_state(),
-                                                     "generator": self.generator.get_state()}}
+            state["rng"] = {f"rank{self.ctx.rank}": ckpt.rng_state(self.generator, self.ctx.device)}
         return state
 
     def _save(self, name: str, position: Position, is_best: bool = False) -> None:
@@ -244,17 +288,26 @@ class Trainer:
         record = ckpt.read_record(path, self.fingerprint, self.data_fingerprint)
         same_ranks = record.world_size == ctx.world_size
         state = self._checkpoint_state(with_rng=same_ranks)
-        ckpt.load_checkpoint(path, state, self.fingerprint, self.data_fingerprint)
+        # RNG entries are optional: a checkpoint written before the CUDA RNG was saved (or on
+        # another device, whose generator state has another size) still loads.
+        dropped: List[str] = []
+        ckpt.load_checkpoint(path, state, self.fingerprint, self.data_fingerprint, optional=("rng.",), dropped=dropped)
         self.model.load_state_dict(state["model"])
         self.optimizers.load_checkpoint_state(state["optim"])
+        note = ""
         if same_ranks:
-            rng = state["rng"][f"rank{ctx.rank}"]
-            torch.set_rng_state(rng["torch"])
-            self.generator.set_state(rng["generator"])
+            missing = ckpt.restore_rng_state(state["rng"][f"rank{ctx.rank}"], self.generator, ctx.device)
+            if missing:  # re-seed by the step (seeds CPU, CUDA and the generator), keep what was restored
+                restored = ckpt.rng_state(self.generator, ctx.device)
+                _seed_streams(self.cfg, ctx.rank, record.step, self.generator)
+                for name, value in restored.items():
+                    if name not in missing:
+                        ckpt.restore_rng_state({name: value}, self.generator, ctx.device)
+                note = f"; random streams not in the checkpoint ({', '.join(missing)}) re-seeded"
         else:  # RNG streams are per rank: a new world size gets fresh streams, seeded by the step
             _seed_streams(self.cfg, ctx.rank, record.step, self.generator)
         if ctx.is_main:
-            note = "" if same_ranks else f"; {record.world_size} -> {ctx.world_size} ranks, random streams re-seeded"
+            note = note if same_ranks else f"; {record.world_size} -> {ctx.world_size} ranks, random streams re-seeded"
             log.info(f"resumed from {path} (epoch {record.epoch}, batch {record.batch}, step {record.step}{note})")
         self.position = Position(record.batch, float(record.extra.get("loss_sum", 0.0)),
                                  float(record.extra.get("loss_count", 0.0)))
