@@ -11,7 +11,7 @@ from sidvid_rec.cli import main
 
 TINY = ["data.max_len=20", "model.dim=16", "model.dqk=8", "model.dv=8", "model.num_blocks=1",
         "loss.num_negatives=16", "train.batch_size=128", "train.epochs=1", "train.max_steps=3",
-        "eval.batch_size=610", "eval.ks=[1,10,50]"]
+        "eval.batch_size=610", "eval.ks=[1,10,50]", "train.device=cpu"]
 SIDS = ["sids.encoder=tfidf", "sids.tfidf_dim=16", "sids.codebook_size=8", "sids.layers=2", "sids.kmeans_iters=3",
         "sids.balance_iters=3"]
 K = 10
