@@ -25,7 +25,7 @@ import yaml
 from sidvid_rec import storage
 from sidvid_rec.errors import ArtifactError, ConfigError
 from sidvid_rec.types import (AttentionScale, Balance, BeamFuse, DataFormat, DecoderKind, Device, EmbeddingOptimizer,
-                              Fusion, IndexKind, ModelMode, Pooling, Precision, QueryTime, Sharding, SidSoftmax,
+                              Fusion, IndexKind, ModelMode, Pooling, Precision, QueryTime, Sharding, SidMethod, SidSoftmax,
                               SplitProtocol, VidNegatives)
 
 T = TypeVar("T")
@@ -70,9 +70,39 @@ class RqParams:
 
 
 @dataclass
-class SidsConfig(RqParams):
-    """Text embedding and semantic-ID settings; the k-means ones are inherited from :class:`RqParams`."""
+class RqVaeParams(RqParams):
+    """RQ-VAE settings (:func:`~sidvid_rec.semantic_ids.rqvae.train_rqvae`): the ``rqvae_*`` keys on
+    top of :class:`RqParams`, whose ``layers``, ``codebook_size``, ``kmeans_iters`` (codebook
+    initialisation), ``max_points_per_code`` and ``seed`` it shares; ``balance``/``tol``/``balance_iters``
+    do not apply to it."""
 
+    rqvae_hidden: int = 256
+    """Width of the encoder's and the decoder's hidden layer (embedding dim -> hidden -> latent)."""
+    rqvae_latent: int = 32
+    """Latent width, the dimension of the residual codebooks."""
+    rqvae_epochs: int = 200
+    """Maximum training epochs (early stopping on the held-out reconstruction loss may end sooner)."""
+    rqvae_lr: float = 1e-3
+    """Adam learning rate of the encoder, decoder and codebooks."""
+    rqvae_beta: float = 0.25
+    """Weight of the commitment loss ||r - sg[e]||^2 (the codebook loss ||sg[r] - e||^2 has weight 1)."""
+    rqvae_patience: int = 20
+    """Stop when the held-out reconstruction loss has not improved for this many epochs."""
+    rqvae_batch_size: int = 512
+    """Items per training step."""
+    rqvae_val_fraction: float = 0.1
+    """Share of the items held out (seeded) for early stopping; every item gets codes."""
+    rqvae_restarts: bool = True
+    """Re-seed codes unused for a whole epoch from random residuals of the epoch's last batch."""
+
+
+@dataclass
+class SidsConfig(RqVaeParams):
+    """Text embedding and semantic-ID settings; the k-means ones are inherited from :class:`RqParams`,
+    the RQ-VAE ones from :class:`RqVaeParams`."""
+
+    method: SidMethod = "rqkmeans"
+    """``rqkmeans``: residual (balanced) k-means on the embeddings; ``rqvae``: a trained RQ-VAE."""
     encoder: str = "minilm"
     """Text encoder: ``minilm`` (shipped weights), ``tfidf`` (no weights) or a local HF model dir."""
     pooling: Pooling = "auto"
@@ -402,6 +432,14 @@ _RANGES: Dict[str, Range] = {
     "sids.max_points_per_code": _POSITIVE,
     "sids.threads": _NON_NEGATIVE,  # 0 = the FAISS default
     "sids.seed": _SEED,
+    "sids.rqvae_hidden": _POSITIVE,
+    "sids.rqvae_latent": _POSITIVE,
+    "sids.rqvae_epochs": _POSITIVE,
+    "sids.rqvae_lr": _POSITIVE,
+    "sids.rqvae_beta": _NON_NEGATIVE,  # 0: codebook loss only (the encoder is not pulled to its codes)
+    "sids.rqvae_patience": _POSITIVE,
+    "sids.rqvae_batch_size": _POSITIVE,
+    "sids.rqvae_val_fraction": Range(gt=0, lt=1, why="held-out share of the items"),
     "model.dim": _POSITIVE,
     "model.num_blocks": _POSITIVE,
     "model.num_heads": _POSITIVE,

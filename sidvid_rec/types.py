@@ -18,6 +18,9 @@ Fusion = Literal["sum", "fc", "mlp", "gate"]
 """How ``sid_id`` combines the SID and ID vectors of an item."""
 Balance = Literal["balanced", "none"]
 """Balanced (size-constrained) or plain residual k-means."""
+SidMethod = Literal["rqkmeans", "rqvae"]
+"""How semantic IDs are learned: residual (balanced) k-means on the embeddings, or an RQ-VAE
+(encoder, residual codebooks and decoder trained together; codes live in its latent space)."""
 Pooling = Literal["auto", "mean", "last"]
 """Token pooling of a Hugging Face text encoder (``auto``: by model type)."""
 ResolvedPooling = Literal["mean", "last"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sidvid_rec.cli import main
-from sidvid_rec.semantic_ids import load_sid_artifacts
+from sidvid_rec.semantic_ids import SemanticIdCodebook, load_sid_artifacts
 from sidvid_rec.text import load_embeddings, save_embeddings
 
 NUM_ITEMS = 9724
@@ -116,3 +116,70 @@ def test_bad_inputs(workdir, embeddings, capsys):
     for argv in (["embed", "--out", str(workdir)], ["sids", "build", "--out", str(workdir)]):
         err = one_line_error(capsys, argv + common(workdir))
         assert "refusing to replace" in err and os.path.exists(embeddings)
+
+
+# ----------------------------------------------------------------------------- RQ-VAE
+
+RQVAE = ["sids.method=rqvae", "sids.rqvae_hidden=32", "sids.rqvae_latent=8", "sids.rqvae_epochs=8",
+         "sids.rqvae_patience=3", "sids.rqvae_batch_size=512"]
+
+
+@pytest.fixture(scope="module")
+def rqvae_build(workdir, embeddings):
+    out = str(workdir / "sids_rqvae")
+    argv = ["sids", "build", "--out", out, "--embeddings", embeddings, "--no-progress"]
+    assert main(argv + common(workdir) + RQVAE) == 0
+    return out
+
+
+def test_rqvae_build_artifacts_and_compare(rqvae_build, builds, embeddings, capsys):
+    art = load_sid_artifacts(rqvae_build)
+    assert art.method == "rqvae" and art.manifest["params"]["method"] == "rqvae"
+    assert art.codes.shape == (NUM_ITEMS + 1, 2) and art.codebooks.shape == (2, 16, 8)
+    assert load_sid_artifacts(builds["balanced"]).method == "rqkmeans"
+    book = SemanticIdCodebook.from_artifacts(art, use_dedup=True)
+    assert book.num_sids == NUM_ITEMS  # the disambiguation code makes every SID unique, as for RQ-KMeans
+    capsys.readouterr()
+    assert main(["sids", "compare", builds["balanced"], rqvae_build, "--json"]) == 0
+    both = json.loads(capsys.readouterr().out)
+    assert both["a"]["method"] == "rqkmeans" and both["b"]["method"] == "rqvae"
+    assert all(row["mse"] is not None and row["utilization"] > 0 for row in both["b"]["layers"])
+    assert main(["sids", "compare", builds["balanced"], rqvae_build]) == 0
+    table = capsys.readouterr().out
+    assert "| method | rqkmeans | rqvae |" in table and "collision rate" in table
+    stored = json.loads(open(os.path.join(rqvae_build, "report.json")).read())
+    assert main(["sids", "report", rqvae_build, "--json", "--embeddings", embeddings]) == 0
+    recomputed = json.loads(capsys.readouterr().out)  # decoded through the stored RQ-VAE weights
+    assert recomputed["layers"][-1]["mse"] == pytest.approx(stored["layers"][-1]["mse"], rel=1e-5)
+
+
+def test_sid_id_trains_on_rqvae_sids(workdir, rqvae_build, capsys):
+    run = str(workdir / "run_rqvae")
+    argv = ["train", "--run-dir", run, f"data.cache_dir={workdir}/cache", f"sids.dir={rqvae_build}",
+            "model.mode=sid_id", "model.sid_dedup=true", "data.max_len=20", "model.dim=8", "model.dqk=8",
+            "model.dv=8", "model.num_blocks=1", "loss.num_negatives=16", "train.epochs=1", "train.max_steps=2",
+            "eval.batch_size=610", "eval.ks=[10,50]"]
+    capsys.readouterr()
+    rc = main(argv)
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    assert os.path.exists(os.path.join(run, "config.yaml"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sids.method=vqvae", "sids.method: 'vqvae' is not one of 'rqkmeans', 'rqvae'"),
+    ("sids.rqvae_lr=0", "sids.rqvae_lr must be positive and finite"),
+    ("sids.rqvae_beta=-1", "sids.rqvae_beta must be >= 0 and finite"),
+    ("sids.rqvae_hidden=0", "sids.rqvae_hidden must be positive"),
+    ("sids.rqvae_latent=-3", "sids.rqvae_latent must be positive"),
+    ("sids.rqvae_epochs=0", "sids.rqvae_epochs must be positive"),
+    ("sids.rqvae_patience=0", "sids.rqvae_patience must be positive"),
+    ("sids.rqvae_batch_size=0", "sids.rqvae_batch_size must be positive"),
+    ("sids.rqvae_val_fraction=1", "sids.rqvae_val_fraction must lie in (0, 1)"),
+    ("sids.rqvae_restarts=maybe", "sids.rqvae_restarts: expected true or false"),
+    ("sids.codebook_size=9000", "larger than the number of RQ-VAE training items"),
+])
+def test_rqvae_bad_values(workdir, embeddings, capsys, override, message):
+    out = str(workdir / "never_rqvae")
+    err = one_line_error(capsys, ["sids", "build", "--out", out, "--embeddings", embeddings, "--no-progress"]
+                         + common(workdir) + RQVAE + [override])
+    assert message in err and not os.path.exists(out), err

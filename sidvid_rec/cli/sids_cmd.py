@@ -8,17 +8,18 @@
 import argparse
 import json
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 from sidvid_rec import storage
 from sidvid_rec.cli.common import add_config_args, config_from_args
-from sidvid_rec.config import Config, RqParams, SidsConfig, narrow
+from sidvid_rec.config import Config, RqParams, RqVaeParams, SidsConfig, narrow
 from sidvid_rec.data import SequenceData, load_sequences
 from sidvid_rec.errors import UserError
 from sidvid_rec.semantic_ids import (SidArtifacts, SizeBounds, build_semantic_ids, load_sid_artifacts,
                                      render_compare, render_markdown, sid_report, write_semantic_ids)
 from sidvid_rec.semantic_ids.artifacts import FORMAT, REPORT_JSON, write_report_files
 from sidvid_rec.semantic_ids.kmeans import faiss_threads
+from sidvid_rec.semantic_ids.rqvae import check_rqvae_inputs, load_rqvae_model
 from sidvid_rec.text import embed_dataset, load_embeddings
 from sidvid_rec.artifacts import check_replaceable
 from sidvid_rec.text.store import array_sha256
@@ -29,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     commands = parser.add_subparsers(dest="sids_command", metavar="ACTION", required=True)
 
     build = commands.add_parser("build", help="embed item texts and quantize them into semantic IDs",
-                                description="Balanced residual k-means over the item text embeddings.")
+                                description="Balanced residual k-means (sids.method=rqkmeans) or an RQ-VAE "
+                                            "(sids.method=rqvae) over the item text embeddings.")
     build.add_argument("--out", required=True, help="artifact directory (replaced atomically)")
     build.add_argument("--embeddings", default=None, help="reuse an `sidvid-rec embed` output instead of embedding")
     build.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -58,6 +60,12 @@ def rq_params(sids: SidsConfig) -> RqParams:
     return narrow(sids, RqParams)
 
 
+def sid_params(sids: SidsConfig) -> Union[RqParams, RqVaeParams]:
+    """The settings of ``sids.method``: :class:`RqParams` (k-means) or :class:`RqVaeParams`."""
+    params = rq_params(sids)
+    return narrow(sids, RqVaeParams) if sids.method == "rqvae" else params
+
+
 def _embeddings_for(args: argparse.Namespace, cfg: Config, data: SequenceData) -> Dict[str, Any]:
     """``{"vectors": [N+1, D], "encoder": identity, "file": path or None}`` for the build."""
     if args.embeddings is None:
@@ -75,13 +83,15 @@ def _embeddings_for(args: argparse.Namespace, cfg: Config, data: SequenceData) -
 
 def run_build(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    params = rq_params(cfg.sids)
+    params = sid_params(cfg.sids)
     check_replaceable(storage.expand(args.out), FORMAT)  # fail before the expensive part
     data = load_sequences(cfg.data)
     emb = _embeddings_for(args, cfg, data)
     x = emb["vectors"][1:]  # row 0 is the padding item
+    if isinstance(params, RqVaeParams):
+        check_rqvae_inputs(x, params)
     with faiss_threads(cfg.sids.threads):
-        sids = build_semantic_ids(x, params, cfg.sids.dedup, progress=not args.no_progress)
+        sids = build_semantic_ids(x, params, cfg.sids.dedup, progress=not args.no_progress, method=cfg.sids.method)
     provenance = {"encoder": emb["encoder"], "embeddings_file": emb["file"],
                   "embeddings_sha256": array_sha256(emb["vectors"]),
                   "data_fingerprint": data.fingerprint, "data_format": data.format}
@@ -104,8 +114,9 @@ def artifact_report(directory: str, embeddings: Optional[str] = None) -> Tuple[S
         emb = load_embeddings(embeddings)
         if emb.num_items != art.num_items:
             raise UserError(f"{embeddings} holds {emb.num_items} items but {directory} has {art.num_items}")
-        return art, sid_report(codes, art.codebooks, emb.vectors[1:])
-    report = sid_report(codes, art.codebooks, None)
+        decode = load_rqvae_model(directory, art).decode_numpy if art.method == "rqvae" else None
+        return art, sid_report(codes, art.codebooks, emb.vectors[1:], decode=decode, method=art.method)
+    report = sid_report(codes, art.codebooks, None, method=art.method)
     stored_path = os.path.join(storage.expand(directory), REPORT_JSON)
     if storage.exists(stored_path):
         stored = storage.read_json(stored_path)

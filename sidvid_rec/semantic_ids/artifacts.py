@@ -11,8 +11,12 @@ Files of ``DIR``:
 * ``sid_index.safetensors``: SID -> items, CSR style over the distinct L-tuples:
   ``sids [S, L]`` (lexicographic order), ``offsets [S+1]``, ``items [N]`` (items of SID s are
   ``items[offsets[s]:offsets[s+1]]``, in dedup order);
-* ``manifest.json``: format, parameters, encoder identity, data fingerprint, embeddings
-  sha256, balancing stats and the sha256 of each file above (checked on load);
+* ``rqvae.safetensors`` (``method: rqvae`` builds only): the encoder/decoder weights; the
+  codebooks of such a build live in its latent space (``D`` = ``sids.rqvae_latent``);
+* ``manifest.json``: format, ``method`` (``rqkmeans`` or ``rqvae``; absent in builds made before
+  RQ-VAE existed, which are all ``rqkmeans``), parameters, encoder identity, data fingerprint,
+  embeddings sha256, balancing (or RQ-VAE training) stats and the sha256 of each file above
+  (checked on load);
 * ``report.json`` / ``report.md`` / ``code_usage.png``: the quality report (derived files,
   not part of the integrity check).
 """
@@ -76,6 +80,11 @@ class SidArtifacts:
         return int(self.codebooks.shape[2])
 
     @property
+    def method(self) -> str:
+        """``rqkmeans`` or ``rqvae`` (builds older than the ``method`` key are ``rqkmeans``)."""
+        return str(self.manifest.get("method", "rqkmeans"))
+
+    @property
     def use_dedup(self) -> bool:
         """Whether the build asked for the extra disambiguation code."""
         return bool(self.manifest["params"]["dedup"])
@@ -97,7 +106,8 @@ def _blob(tensors: Dict[str, np.ndarray]) -> bytes:
 
 def save_sid_artifacts(out: str, codebooks: np.ndarray, codes: np.ndarray, dedup: np.ndarray,
                        manifest: Dict[str, Any], report: Dict[str, Any],
-                       bounds: Optional[SizeBounds] = None) -> str:
+                       bounds: Optional[SizeBounds] = None,
+                       extra: Optional[Dict[str, Dict[str, np.ndarray]]] = None) -> str:
     """Writes the artifact directory ``out`` atomically and returns its expanded path.
 
     Args:
@@ -108,6 +118,8 @@ def save_sid_artifacts(out: str, codebooks: np.ndarray, codes: np.ndarray, dedup
             file hashes).
         report: :func:`~sidvid_rec.semantic_ids.report.sid_report` output.
         bounds: balanced size bounds, drawn on the usage plot.
+        extra: more safetensors files, ``{file name: tensors}`` (e.g. the RQ-VAE weights),
+            hashed in the manifest like the others.
     """
     out = storage.expand(out)
     check_replaceable(out, FORMAT)
@@ -118,6 +130,7 @@ def save_sid_artifacts(out: str, codebooks: np.ndarray, codes: np.ndarray, dedup
                            "dedup": np.concatenate([[PAD_CODE], dedup]).astype(np.int64)}),
         INDEX_FILE: _blob(sid_index(codes, dedup)),
     }
+    blobs.update({name: _blob(tensors) for name, tensors in (extra or {}).items()})
     full = dict(manifest, format=FORMAT, format_version=FORMAT_VERSION, num_items=int(codes.shape[0]),
                 layers=int(codebooks.shape[0]), codebook_size=int(codebooks.shape[1]), dim=int(codebooks.shape[2]),
                 dedup_size=int(dedup.max()) + 1 if dedup.size else 0, pad_code=PAD_CODE,
@@ -141,6 +154,11 @@ def write_report_files(directory: str, report: Dict[str, Any], codes: np.ndarray
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+def read_checked(directory: str, name: str, manifest: Dict[str, Any]) -> Dict[str, np.ndarray]:
+    """Tensors of the safetensors file ``name`` of ``directory``, checked against the manifest's sha256."""
+    return _read_checked(directory, name, manifest)
 
 
 def _read_checked(directory: str, name: str, manifest: Dict[str, Any]) -> Dict[str, np.ndarray]:

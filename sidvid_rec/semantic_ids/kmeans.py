@@ -262,19 +262,26 @@ def repair_assignment(x: np.ndarray, centroids: np.ndarray, cand_dist: np.ndarra
     return _repair(x, centroids, cand_dist, cand_idx, bounds)[0]
 
 
-def train_kmeans(x: np.ndarray, k: int, iters: int, seed: int, max_points_per_code: int = 256) -> np.ndarray:
-    """FAISS k-means centroids ``[K, D]`` (FAISS samples at most ``max_points_per_code * K`` points)."""
+def train_kmeans(x: np.ndarray, k: int, iters: int, seed: int, max_points_per_code: int = 256,
+                 warn_few_points: bool = True) -> np.ndarray:
+    """FAISS k-means centroids ``[K, D]`` (FAISS samples at most ``max_points_per_code * K`` points).
+
+    ``warn_few_points=False`` silences FAISS's warning about fewer than 39 points per centroid
+    (the RQ-VAE initialises its codebooks on one batch on purpose); the result is the same.
+    """
+    extra = {} if warn_few_points else {"min_points_per_centroid": 1}
     km = faiss.Kmeans(x.shape[1], k, niter=max(iters, 1), seed=seed, verbose=False,
-                      max_points_per_centroid=max_points_per_code)
+                      max_points_per_centroid=max_points_per_code, **extra)
     small = min(x.shape[0], max_points_per_code * k) * k * x.shape[1] < _SMALL_SEARCH
     with faiss_threads(1 if small else 0):
         km.train(np.ascontiguousarray(x, dtype=np.float32))
     return np.asarray(km.centroids, dtype=np.float32).reshape(k, x.shape[1])
 
 
-def plain_kmeans(x: np.ndarray, k: int, kmeans_iters: int, seed: int, max_points_per_code: int = 256) -> KMeansResult:
+def plain_kmeans(x: np.ndarray, k: int, kmeans_iters: int, seed: int, max_points_per_code: int = 256,
+                 warn_few_points: bool = True) -> KMeansResult:
     """FAISS k-means, then every point assigned to its nearest centroid (sizes unconstrained)."""
-    centroids = train_kmeans(x, k, kmeans_iters, seed, max_points_per_code)
+    centroids = train_kmeans(x, k, kmeans_iters, seed, max_points_per_code, warn_few_points)
     _, assign = nearest(x, centroids)
     return KMeansResult(centroids=centroids, assign=assign, rounds=0, converged=True)
 

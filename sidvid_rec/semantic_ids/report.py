@@ -4,7 +4,8 @@ Definitions (``N`` items, ``codes [N, L]``, ``codebooks [L, K, D]``, ``x [N, D]`
 
 * utilization_l = distinct codes used at layer l / K;
 * entropy_l = H_l / log2 K with H_l = -sum_k p_k log2 p_k, p_k = share of items with code k;
-* mse_l = mean over items and dims of (x - xhat_l)^2, xhat_l = sum_{j<=l} codebooks[j, c_j];
+* mse_l = mean over items and dims of (x - xhat_l)^2, xhat_l = sum_{j<=l} codebooks[j, c_j]
+  (an RQ-VAE's codebooks live in its latent space: there xhat_l = decode(sum_{j<=l} codebooks[j, c_j]));
 * cosine_l = mean over items of 1 - cos(x, xhat_l) (the cosine loss);
 * prefix_collision_rate_l = share of items whose prefix (c_1..c_l) is shared with another item;
   ``collision_rate`` is that of the full tuple, before any disambiguation code.
@@ -16,7 +17,7 @@ Example::
 """
 
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -52,16 +53,25 @@ def normalized_entropy(counts: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum() / math.log2(k))
 
 
-def reconstruction(x: np.ndarray, codes: np.ndarray, codebooks: np.ndarray) -> Dict[str, List[float]]:
-    """Per-layer ``mse`` and ``cosine`` loss of the summed centroids vs ``x [N, D]``, in blocks."""
+Decode = Callable[[np.ndarray], np.ndarray]
+"""Maps summed code vectors ``[B, latent]`` to the embedding space ``[B, D]`` (an RQ-VAE's decoder)."""
+
+
+def reconstruction(x: np.ndarray, codes: np.ndarray, codebooks: np.ndarray,
+                   decode: Optional[Decode] = None) -> Dict[str, List[float]]:
+    """Per-layer ``mse`` and ``cosine`` loss of the summed centroids (decoded by ``decode`` when
+    given) vs ``x [N, D]``, in blocks."""
     n, layers = codes.shape
     sq, cos = np.zeros(layers), np.zeros(layers)
     for start in range(0, n, _CHUNK):
         block = x[start:start + _CHUNK].astype(np.float32)
         xhat = np.zeros_like(block)
         block_norm = np.linalg.norm(block, axis=1)
+        latent = np.zeros((block.shape[0], codebooks.shape[2]), dtype=np.float32) if decode else xhat
         for layer in range(layers):
-            xhat += codebooks[layer][codes[start:start + _CHUNK, layer]]
+            latent += codebooks[layer][codes[start:start + _CHUNK, layer]]
+            if decode is not None:
+                xhat = decode(latent)
             err = block - xhat
             sq[layer] += float(np.einsum("nd,nd->", err, err, dtype=np.float64))
             denom = np.maximum(block_norm * np.linalg.norm(xhat, axis=1), 1e-12)
@@ -69,7 +79,8 @@ def reconstruction(x: np.ndarray, codes: np.ndarray, codebooks: np.ndarray) -> D
     return {"mse": (sq / (n * x.shape[1])).tolist(), "cosine": (cos / n).tolist()}
 
 
-def check_report_inputs(codes: np.ndarray, codebooks: np.ndarray, x: Optional[np.ndarray]) -> None:
+def check_report_inputs(codes: np.ndarray, codebooks: np.ndarray, x: Optional[np.ndarray],
+                        decoded: bool = False) -> None:
     """Raises :class:`UserError` on empty, mismatched or out-of-range inputs."""
     if codes.ndim != 2 or codes.shape[0] == 0:
         raise UserError(f"codes must be a non-empty [items, layers] array, got shape {tuple(codes.shape)}")
@@ -78,7 +89,7 @@ def check_report_inputs(codes: np.ndarray, codebooks: np.ndarray, x: Optional[np
     if codes.min() < 0 or codes.max() >= codebooks.shape[1]:
         raise UserError(f"codes must lie in [0, {codebooks.shape[1]}), got [{codes.min()}, {codes.max()}]")
     if x is not None:
-        if x.ndim != 2 or x.shape[1] != codebooks.shape[2]:
+        if x.ndim != 2 or (not decoded and x.shape[1] != codebooks.shape[2]):
             raise UserError(f"embedding dim {x.shape[-1]} does not match the codebooks' dim {codebooks.shape[2]}")
         if x.shape[0] != codes.shape[0]:
             raise UserError(f"{x.shape[0]} embeddings for {codes.shape[0]} coded items")
@@ -86,15 +97,17 @@ def check_report_inputs(codes: np.ndarray, codebooks: np.ndarray, x: Optional[np
             raise UserError("embeddings contain NaN or inf")
 
 
-def sid_report(codes: np.ndarray, codebooks: np.ndarray, x: Optional[np.ndarray] = None) -> Dict[str, Any]:
+def sid_report(codes: np.ndarray, codebooks: np.ndarray, x: Optional[np.ndarray] = None,
+               decode: Optional[Decode] = None, method: str = "rqkmeans") -> Dict[str, Any]:
     """The quality report of ``codes [N, L]`` (no padding row) as a JSON-able dict.
 
-    ``mse``/``cosine`` are ``None`` when the embeddings ``x [N, D]`` are not given.
+    ``mse``/``cosine`` are ``None`` when the embeddings ``x [N, D]`` are not given; ``decode``
+    maps latent code sums to the embedding space (RQ-VAE builds). ``method`` is recorded as is.
     """
-    check_report_inputs(codes, codebooks, x)
+    check_report_inputs(codes, codebooks, x, decoded=decode is not None)
     n, layers = codes.shape
     k = codebooks.shape[1]
-    recon = reconstruction(x, codes, codebooks) if x is not None else None
+    recon = reconstruction(x, codes, codebooks, decode) if x is not None else None
     rows = []
     for layer, counts in enumerate(code_usage(codes, k)):
         rows.append({
@@ -118,6 +131,7 @@ def sid_report(codes: np.ndarray, codebooks: np.ndarray, x: Optional[np.ndarray]
         "max_items_per_sid": int(full_groups.max()),
         "codebook_size": int(k),
         "dim": int(codebooks.shape[2]),
+        "method": method,
     }
 
 
@@ -134,7 +148,8 @@ def _fmt(fmt: str, value: Any) -> str:
 
 def render_markdown(report: Dict[str, Any], title: str = "Semantic-ID quality") -> str:
     """Markdown table of one report (also what ``sids report`` prints)."""
-    lines = [f"# {title}", "", f"items: {report['num_items']}, K = {report['codebook_size']}, "
+    lines = [f"# {title}", "", f"method: {report.get('method', 'rqkmeans')}, "
+             f"items: {report['num_items']}, K = {report['codebook_size']}, "
              f"full-tuple collision rate: {report['collision_rate']:.4f}, unique SIDs: {report['unique_sids']}, "
              f"max items per SID: {report['max_items_per_sid']}", "",
              "| " + " | ".join(c[1] for c in _COLUMNS) + " |", "|" + "---|" * len(_COLUMNS)]
@@ -145,7 +160,8 @@ def render_markdown(report: Dict[str, Any], title: str = "Semantic-ID quality") 
 
 def render_compare(a: Dict[str, Any], b: Dict[str, Any], name_a: str, name_b: str) -> str:
     """Side-by-side Markdown table of two reports (metric per layer, A, B, B - A)."""
-    lines = [f"| metric | {name_a} | {name_b} | B - A |", "|---|---|---|---|"]
+    lines = [f"| metric | {name_a} | {name_b} | B - A |", "|---|---|---|---|",
+             f"| method | {a.get('method', 'rqkmeans')} | {b.get('method', 'rqkmeans')} | - |"]
 
     def add(label: str, va: Any, vb: Any, fmt: str) -> None:
         diff = "-" if va is None or vb is None else fmt.format(vb - va)
