@@ -215,6 +215,10 @@ class DecoderSettings:
     """``beam``: SID weight (``prod``/``sum``) or SID logit multiplier (``softmax``)."""
     beta: float = 1.0
     """``beam`` with ``softmax`` fusion: VID logit multiplier (temperature of the ANN scores)."""
+    kv_cache: bool = True
+    """Decode from the encoder's KV cache: the history is encoded once and each appended token
+    attends to it (equal to re-encoding; ``false`` re-encodes the history per query, the
+    reference of the parity tests and the benchmark). COBRA decoders and ``sid_gen``'s beam."""
 
 
 @dataclass
