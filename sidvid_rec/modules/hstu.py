@@ -27,6 +27,15 @@ Sequences are never padded to the batch maximum: attention
 ``[T, D]``. Relative distances at or beyond ``max_len`` (possible only with explicit
 ``positions``) share the last distance weight. :mod:`sidvid_rec.modules.hstu_reference` is the padded reference with
 the same parameters (same ``state_dict`` keys).
+
+Incremental decoding (:meth:`HSTUEncoder.encode_cached`, :meth:`HSTUEncoder.extend`): the
+history is encoded once, keeping every layer's keys and values (:class:`HistoryCache`); then
+each step appends one token per beam, which attends to the history and to its beam's earlier
+tokens (:class:`StepCache`, reordered as beams are pruned) with the same relative bias
+(:mod:`sidvid_rec.ops.hstu_cached`). HSTU's ``"length"`` normaliser depends on the whole
+sequence, so the history is encoded for its *final* length (``appended`` tokens to come): the
+history's outputs, keys and values, and every appended token's, are those of re-encoding the
+whole sequence (``tests/test_hstu_cache.py``).
 """
 
 import math
