@@ -66,7 +66,8 @@ class _ReencodedStates:
     def __init__(self, encoder: nn.Module, tables: GenerationTables, inputs: GenInputs, levels: int) -> None:
         self.encoder, self.tables, self.inputs, self.levels = encoder, tables, inputs, levels
         self.prefix: Optional[Tensor] = None  # [B, W, l] code-table rows of each beam's tokens
-        self.first = self._encode(torch.zeros(inputs.offsets.numel() - 1, 1, 0, dtype=torch.long))[:, 0]
+        empty = torch.zeros(inputs.offsets.numel() - 1, 1, 0, dtype=torch.long, device=inputs.x.device)
+        self.first = self._encode(empty)[:, 0]
 
     def _encode(self, prefix: Tensor) -> Tensor:
         """``prefix [B, W, l]`` -> ``[B, W, D]`` the state at each beam's last real token."""

@@ -45,7 +45,7 @@ class Retrieved:
     """Top-K of one history: internal ids, raw ids, titles and scores (best first).
 
     Scores are inner products (modes ``id``/``sid``/``sid_id``, COBRA ``direct``/``neighbor``/
-    ``soft``) or the ``beam`` decoder's fused score.
+    ``soft``), the ``beam`` decoder's fused score, or ``sid_gen``'s SID log-probability.
     """
 
     ids: np.ndarray
