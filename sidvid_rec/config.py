@@ -129,7 +129,8 @@ class SidsConfig(RqVaeParams):
 @dataclass
 class ModelConfig:
     mode: ModelMode = "id"
-    """``id``: item-ID HSTU; ``sid``: prefixN SID only; ``sid_id``: fused; ``cobra``: SID/VID."""
+    """``id``: item-ID HSTU; ``sid``: prefixN SID only; ``sid_id``: fused; ``cobra``: SID/VID;
+    ``sid_gen``: generates the SID code by code (HSTU over code tokens, trie-constrained beam)."""
     fusion: Fusion = "sum"
     """How SID and ID vectors are combined in ``sid_id`` mode."""
     dim: int = 50
@@ -250,6 +251,10 @@ class DecoderSettings:
     """``beam``: SID weight (``prod``/``sum``) or SID logit multiplier (``softmax``)."""
     beta: float = 1.0
     """``beam`` with ``softmax`` fusion: VID logit multiplier (temperature of the ANN scores)."""
+    kv_cache: bool = True
+    """Decode from the encoder's KV cache: the history is encoded once and each appended token
+    attends to it (equal to re-encoding; ``false`` re-encodes the history per query, the
+    reference of the parity tests and the benchmark). COBRA decoders and ``sid_gen``'s beam."""
 
 
 @dataclass
@@ -264,6 +269,9 @@ class EvalConfig(DecoderSettings):
     """Remove items already in the history from the ranking."""
     decoder: DecoderKind = "direct"
     """COBRA decoder."""
+    sid_gen_beam: int = 0
+    """``sid_gen``: beam width of the trie-constrained beam search; 0 (or less than ``max(ks)``)
+    = ``max(ks)``, so the beam always holds a full top-K list."""
 
 
 @dataclass
@@ -474,6 +482,7 @@ _RANGES: Dict[str, Range] = {
     "eval.soft_tau": _POSITIVE,
     "eval.beam_size": _POSITIVE,
     "eval.beam_ann": _POSITIVE,
+    "eval.sid_gen_beam": _NON_NEGATIVE,  # 0 = max(eval.ks)
     "eval.alpha": _UNIT,
     # A multiplier of the ANN logits (beam.fuse_scores): 0 drops them, as eval.alpha=0 drops the
     # SID part; a negative one would rank the least similar items first.

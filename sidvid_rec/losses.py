@@ -326,3 +326,22 @@ class InfoNCELoss(nn.Module):
             vid = batch.vid_only()
             self.queue.push(vid.ids, vid.vectors)
         return LossOutput(loss, pos_ids.numel())
+
+
+def code_softmax_loss(query: torch.Tensor, target_codes: torch.Tensor, levels: torch.Tensor, heads: torch.Tensor,
+                      level_offsets: torch.Tensor, temperature: float) -> LossOutput:
+    """Next-code cross-entropy of SID generation: each row of ``query [P, D]`` against every
+    code of its level (full softmax over the ``K_l`` rows ``heads[level_offsets[l]:level_offsets[l+1]]``,
+    cosine / temperature), target ``target_codes [P]`` (within-level code), ``levels [P]``; mean over rows."""
+    if query.shape[0] == 0:
+        return _zero_loss(query)
+    total = query.new_zeros(())
+    normed = l2_normalize(query)
+    for level in range(level_offsets.numel() - 1):
+        rows = torch.nonzero(levels == level).flatten()
+        if rows.numel() == 0:
+            continue
+        keys = l2_normalize(heads[int(level_offsets[level]):int(level_offsets[level + 1])])
+        logits = normed[rows] @ keys.T / temperature  # [P_l, K_l]
+        total = total + torch.nn.functional.cross_entropy(logits, target_codes[rows], reduction="sum")
+    return LossOutput(total / query.shape[0], int(query.shape[0]))

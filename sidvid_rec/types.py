@@ -12,8 +12,9 @@ DataFormat = Literal["auto", "ml-100k", "ml-1m", "ml-20m", "ml-latest", "amazon"
 """Input file format (``auto``: detected from the file names)."""
 SplitProtocol = Literal["loo", "gr"]
 """``loo``: leave-one-out with a validation split; ``gr``: generative-recommenders (no validation)."""
-ModelMode = Literal["id", "sid", "sid_id", "cobra"]
-"""Which item tables the model has and how it ranks (see :func:`uses_sids`, :func:`decodes`)."""
+ModelMode = Literal["id", "sid", "sid_id", "cobra", "sid_gen"]
+"""Which item tables the model has and how it ranks (see :func:`uses_sids`, :func:`decodes`,
+:func:`generates_sids`)."""
 Fusion = Literal["sum", "fc", "mlp", "gate"]
 """How ``sid_id`` combines the SID and ID vectors of an item."""
 Balance = Literal["balanced", "none"]
@@ -63,3 +64,17 @@ def decodes(mode: ModelMode) -> bool:
     """Whether ``mode`` ranks through a COBRA decoder (SID first, then VID retrieval) rather
     than by the inner product of one encoder state with every item vector."""
     return mode == "cobra"
+
+
+def generates_sids(mode: ModelMode) -> bool:
+    """Whether ``mode`` generates an item's SID code by code (``sid_gen``: the HSTU over the
+    history's code tokens, a trie-constrained beam search ranks the items) rather than scoring
+    item vectors or decoding through COBRA. Its SIDs always carry the disambiguation level, so
+    a SID names one item."""
+    return mode == "sid_gen"
+
+
+def ranks_by_inner_product(mode: ModelMode) -> bool:
+    """Whether ``mode``'s top-K is the encoder state against every item vector (``id``, ``sid``,
+    ``sid_id``): neither a COBRA decoder nor SID generation."""
+    return not decodes(mode) and not generates_sids(mode)

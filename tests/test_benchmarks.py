@@ -105,3 +105,14 @@ def test_quick_suite_writes_every_section(tmp_path):
     pngs = sorted(p.name for p in plots.iterdir())
     assert {"scaling.png", "sids_scale.png", "retrieval.png"} <= set(pngs)
     assert all((plots / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_bench_decode_tiny_run_agrees():
+    """benchmarks/bench_decode.py on a tiny setting: cached and re-encoding give the same lists."""
+    from benchmarks.bench_decode import main as bench_decode
+
+    out = bench_decode(["--users", "4", "--history", "6", "--batch", "2", "--items", "60", "--layers", "2",
+                        "--codebook-size", "4", "--dim", "8", "--blocks", "1", "--beam", "5", "--k", "5"])
+    for name in ("cobra", "sid_gen"):
+        assert out[name]["identical_lists"] == 1.0 and out[name]["max_score_diff"] < 1e-4
+    assert len(out["invalid_prefix_share"]) == 3 and all(0.0 <= s <= 1.0 for s in out["invalid_prefix_share"])

@@ -203,3 +203,25 @@ def test_neighbor_matches_manual_pipeline(model, batch):
     ids, scores = _faiss_top_k(queries, vid_table, batch, K)
     assert torch.equal(top.items, ids)
     assert torch.allclose(top.scores, scores, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", sorted(DECODERS))
+def test_kv_cached_decoding_matches_re_encoding(model, batch, kind):
+    """Each decoder (beam and soft append several / a mixed SID token) gives the same top-K and
+    scores from the encoder's KV cache as from re-encoding the history per query."""
+    settings = dict(soft_k=3, beam_size=4, beam_ann=6)
+    cached = decode(kind, _context(model, DecoderSettings(**settings, kv_cache=True)), batch, K)
+    again = decode(kind, _context(model, DecoderSettings(**settings, kv_cache=False)), batch, K)
+    assert torch.equal(cached.items, again.items)
+    torch.testing.assert_close(cached.scores, again.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_vid_queries_match_re_encoding(model, batch):
+    ctx = _context(model)
+    inputs = model.prepare(batch)
+    encoded = model.encode_history(inputs)
+    torch.testing.assert_close(encoded.states, model.next_sid_states(inputs), rtol=1e-5, atol=1e-6)
+    sids = ctx.sid_table[torch.tensor([[0, 3, 5], [1, 1, 2], [4, 0, 6]])]  # [B, 3, D]
+    cached = model.vid_queries_cached(encoded, sids)
+    for j in range(3):
+        torch.testing.assert_close(cached[:, j], model.vid_queries(inputs, sids[:, j]), rtol=1e-5, atol=1e-6)

@@ -60,6 +60,12 @@ class CobraDecodingModel(Protocol):
     def sid_logits(self, states: Tensor, sid_table: Tensor) -> Tensor:
         """``[B, S]`` cosine / temperature."""
 
+    def encode_history(self, inputs):
+        """The history encoded once: ``.states [B, D]`` (next-SID states) plus the KV cache."""
+
+    def vid_queries_cached(self, encoded, next_sids: Tensor) -> Tensor:
+        """``[B, W, D]`` VID queries of ``W`` SID vectors per example, from ``encoded``'s cache."""
+
 
 @dataclass
 class DecodeContext:
@@ -87,6 +93,32 @@ def retrieve(ctx: DecodeContext, batch: "SequenceBatch", queries: Tensor, k: int
         return ctx.index.search(queries, k)
     history = batch.jagged("item_id")
     return ctx.index.search_excluding(queries, k, history.values(), history.offsets())
+
+
+class DecodeState:
+    """One batch being decoded: the next-SID states, then VID queries for chosen SIDs.
+
+    With ``settings.kv_cache`` the history is encoded once and every query appends its SID
+    token to the encoder's KV cache; otherwise the history is re-encoded per query (the
+    reference). Both give the same states and queries to float32 rounding.
+    """
+
+    def __init__(self, ctx: DecodeContext, batch: "SequenceBatch") -> None:
+        self.ctx = ctx
+        self.inputs = ctx.model.prepare(batch)
+        self.encoded = ctx.model.encode_history(self.inputs) if ctx.settings.kv_cache else None
+        self.states = self.encoded.states if self.encoded is not None else ctx.model.next_sid_states(self.inputs)
+
+    def sid_logits(self) -> Tensor:
+        """``[B, S]`` SID logits (cosine / temperature) of the next step over the valid SIDs."""
+        return self.ctx.model.sid_logits(self.states, self.ctx.sid_table)
+
+    def vid_queries(self, next_sids: Tensor) -> Tensor:
+        """``[B, W, D]`` VID queries of ``W`` appended SID vectors per example (``next_sids [B, W, D]``)."""
+        if self.encoded is not None:
+            return self.ctx.model.vid_queries_cached(self.encoded, next_sids)
+        return torch.stack([self.ctx.model.vid_queries(self.inputs, next_sids[:, j])
+                            for j in range(next_sids.shape[1])], dim=1)  # one encoder pass per query
 
 
 def sid_scores(ctx: DecodeContext, inputs) -> Tensor:

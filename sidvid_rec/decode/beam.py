@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from sidvid_rec.decode.base import DecodeContext, TopK, first_occurrence, retrieve, sid_scores, top_sids
+from sidvid_rec.decode.base import DecodeContext, DecodeState, TopK, first_occurrence, retrieve, top_sids
 from sidvid_rec.types import MISSING_ID, BeamFuse
 
 if TYPE_CHECKING:  # torchrec-free at run time: an export decodes without the training stack
@@ -71,14 +71,14 @@ def rank_candidates(items: Tensor, fused: Tensor, tie_break: Tensor, k: int) -> 
 
 def decode_beam(ctx: DecodeContext, batch: "SequenceBatch", k: int) -> TopK:
     s = ctx.settings
-    inputs = ctx.model.prepare(batch)
-    logits = sid_scores(ctx, inputs)  # [B, S]
+    state = DecodeState(ctx, batch)
+    logits = state.sid_logits()  # [B, S]
     _, beam_sids = top_sids(logits, s.beam_size)  # [B, k_b]
     per_beam = max(s.beam_ann, k)
+    queries = state.vid_queries(ctx.sid_table[beam_sids])  # [B, k_b, D]: one cached step for all beams
     items, vid_logits = [], []
-    for j in range(beam_sids.shape[1]):  # one encoder pass per beam keeps memory at one batch
-        queries = ctx.model.vid_queries(inputs, ctx.sid_table[beam_sids[:, j]])
-        hits = retrieve(ctx, batch, queries, per_beam)
+    for j in range(beam_sids.shape[1]):
+        hits = retrieve(ctx, batch, queries[:, j], per_beam)
         items.append(hits.ids)
         vid_logits.append(hits.scores / ctx.model.temperature)
     items_t = torch.stack(items, dim=1)  # [B, k_b, n]

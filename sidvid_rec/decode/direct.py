@@ -6,7 +6,7 @@ a filter, so the target is never masked by a wrong SID).
 
 from typing import TYPE_CHECKING
 
-from sidvid_rec.decode.base import DecodeContext, TopK, as_topk, retrieve, sid_scores
+from sidvid_rec.decode.base import DecodeContext, DecodeState, TopK, as_topk, retrieve
 
 if TYPE_CHECKING:  # torchrec-free at run time: an export decodes without the training stack
     from sidvid_rec.data.batches import SequenceBatch
@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # torchrec-free at run time: an export decodes without the tr
 
 def decode_direct(ctx: DecodeContext, batch: "SequenceBatch", k: int) -> TopK:
     """``k`` items per example of ``batch`` (``TopK.items [B, k]``)."""
-    inputs = ctx.model.prepare(batch)
-    best = sid_scores(ctx, inputs).argmax(dim=1)  # [B]
-    queries = ctx.model.vid_queries(inputs, ctx.sid_table[best])  # [B, D]
+    state = DecodeState(ctx, batch)
+    best = state.sid_logits().argmax(dim=1)  # [B]
+    queries = state.vid_queries(ctx.sid_table[best].unsqueeze(1))[:, 0]  # [B, D]
     return as_topk(retrieve(ctx, batch, queries, k))

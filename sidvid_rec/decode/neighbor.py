@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch.nn.functional as F
 from torch import Tensor
 
-from sidvid_rec.decode.base import DecodeContext, TopK, as_topk, retrieve, sid_scores
+from sidvid_rec.decode.base import DecodeContext, DecodeState, TopK, as_topk, retrieve
 
 if TYPE_CHECKING:  # torchrec-free at run time: an export decodes without the training stack
     from sidvid_rec.data.batches import SequenceBatch
@@ -27,8 +27,8 @@ def nearest_other_sid(sid_table: Tensor, sids: Tensor) -> Tensor:
 
 
 def decode_neighbor(ctx: DecodeContext, batch: "SequenceBatch", k: int) -> TopK:
-    inputs = ctx.model.prepare(batch)
-    best = sid_scores(ctx, inputs).argmax(dim=1)
+    state = DecodeState(ctx, batch)
+    best = state.sid_logits().argmax(dim=1)
     neighbor = nearest_other_sid(ctx.sid_table, best)
-    queries = ctx.model.vid_queries(inputs, ctx.sid_table[neighbor])
+    queries = state.vid_queries(ctx.sid_table[neighbor].unsqueeze(1))[:, 0]
     return as_topk(retrieve(ctx, batch, queries, k))

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from sidvid_rec.decode.base import DecodeContext, TopK, as_topk, cosine_from_logits, retrieve, sid_scores, top_sids
+from sidvid_rec.decode.base import DecodeContext, DecodeState, TopK, as_topk, cosine_from_logits, retrieve, top_sids
 
 if TYPE_CHECKING:  # torchrec-free at run time: an export decodes without the training stack
     from sidvid_rec.data.batches import SequenceBatch
@@ -21,6 +21,6 @@ def soft_sid_embedding(ctx: DecodeContext, logits: torch.Tensor) -> torch.Tensor
 
 
 def decode_soft(ctx: DecodeContext, batch: "SequenceBatch", k: int) -> TopK:
-    inputs = ctx.model.prepare(batch)
-    queries = ctx.model.vid_queries(inputs, soft_sid_embedding(ctx, sid_scores(ctx, inputs)))
+    state = DecodeState(ctx, batch)
+    queries = state.vid_queries(soft_sid_embedding(ctx, state.sid_logits()).unsqueeze(1))[:, 0]
     return as_topk(retrieve(ctx, batch, queries, k))

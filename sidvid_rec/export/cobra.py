@@ -35,8 +35,9 @@ from sidvid_rec.config import DecoderSettings
 from sidvid_rec.decode import DECODERS, DecodeContext, TopK, decode
 from sidvid_rec.errors import ArtifactError, ConfigError, DataError
 from sidvid_rec.modules.hstu import HSTUEncoder
-from sidvid_rec.modules.interleave import (DecodeInputs, append_step, interleave_layout, next_sid_states,
-                                           sid_logits, vid_queries)
+from sidvid_rec.modules.interleave import (CobraCache, DecodeInputs, append_step, encode_history_cached,
+                                           interleave_layout, next_sid_states, sid_logits, vid_queries,
+                                           vid_queries_cached)
 from sidvid_rec.ops import jagged
 from sidvid_rec.retrieval.faiss_index import VidIndex
 from sidvid_rec.types import DecoderKind, QueryTime
@@ -162,6 +163,14 @@ class ExportedCobra:
     def sid_logits(self, states: Tensor, sid_table: Tensor) -> Tensor:
         """``states [B, D]`` x ``sid_table [S, D]`` -> cosine / temperature ``[B, S]``."""
         return sid_logits(states, sid_table, self.temperature)
+
+    def encode_history(self, inputs: DecodeInputs) -> CobraCache:
+        """The history encoded once (KV cache) and its next-SID states."""
+        return encode_history_cached(self.encoder, self.type_emb, inputs)
+
+    def vid_queries_cached(self, encoded: CobraCache, next_sids: Tensor) -> Tensor:
+        """``[B, W, D]`` VID queries of ``W`` candidate SID vectors per history, from the cache."""
+        return vid_queries_cached(self.encoder, self.type_emb, encoded, next_sids)
 
 
 class CobraRetriever:

@@ -23,7 +23,7 @@ from typing import Any, Dict, List, get_args
 
 from sidvid_rec import artifacts
 from sidvid_rec.errors import ArtifactError
-from sidvid_rec.types import ModelMode, decodes
+from sidvid_rec.types import ModelMode, ranks_by_inner_product
 
 FORMAT = "sidvid_rec.export"
 FORMAT_VERSION = 1
@@ -34,7 +34,7 @@ DENSE = "dense.safetensors"
 INDEX = "index.faiss"
 ITEMS = "items.json"
 SIDS_DIR = "sids"
-INNER_PRODUCT_MODES = tuple(m for m in get_args(ModelMode) if not decodes(m))
+INNER_PRODUCT_MODES = tuple(m for m in get_args(ModelMode) if ranks_by_inner_product(m))
 """Modes whose top-K is the encoder state against the item vectors (no decoder)."""
 
 

@@ -7,7 +7,8 @@ hyperparameters and its weights.
 The directory's layout is :mod:`sidvid_rec.export.format`'s.
 
 Modes ``id``, ``sid`` and ``sid_id`` retrieve by exact inner product of the encoder state
-with the item vectors. COBRA exports decode with the run's own decoders
+with the item vectors. ``sid_gen`` exports run the trie-constrained beam search from the
+encoder's KV cache (:mod:`sidvid_rec.export.sid_gen`; scores are SID log-probabilities). COBRA exports decode with the run's own decoders
 (:mod:`sidvid_rec.export.cobra`): the manifest's ``cobra`` section records the
 history length, query-time rule, SID temperature, default decoder and decoder settings.
 
@@ -32,10 +33,11 @@ import torch
 from sidvid_rec import storage
 from sidvid_rec.errors import ArtifactError, ConfigError, DataError
 from sidvid_rec.export.cobra import CobraRetriever, HistoryBatch, load_cobra
+from sidvid_rec.export.sid_gen import SidGenRetriever, load_sid_gen
 from sidvid_rec.export.format import DENSE, INDEX, ITEM_VECTORS, ITEMS, check_mode, read_manifest, read_verified
 from sidvid_rec.modules.hstu import HSTUEncoder, HSTUParams
 from sidvid_rec.retrieval.faiss_index import VidIndex
-from sidvid_rec.types import MISSING_ID, decodes
+from sidvid_rec.types import MISSING_ID, decodes, generates_sids
 
 
 @dataclass
@@ -43,7 +45,7 @@ class Retrieved:
     """Top-K of one history: internal ids, raw ids, titles and scores (best first).
 
     Scores are inner products (modes ``id``/``sid``/``sid_id``, COBRA ``direct``/``neighbor``/
-    ``soft``) or the ``beam`` decoder's fused score.
+    ``soft``), the ``beam`` decoder's fused score, or ``sid_gen``'s SID log-probability.
     """
 
     ids: np.ndarray
@@ -107,6 +109,9 @@ class ExportedModel:
         self.cobra: Optional[CobraRetriever] = None
         if decodes(self.mode):
             self.cobra = load_cobra(manifest, self.encoder, dense, vectors, self.index, self.filter_history)
+        self.sid_gen: Optional[SidGenRetriever] = None
+        if generates_sids(self.mode):
+            self.sid_gen = load_sid_gen(manifest, self.encoder, vectors, self.filter_history)
 
     @property
     def num_items(self) -> int:
@@ -132,8 +137,8 @@ class ExportedModel:
         the item to predict (default: the last item's). Without timestamps every event counts as
         simultaneous. Only the most recent ``max_len`` items are used.
         """
-        if self.cobra is not None:
-            raise ConfigError("a COBRA export has no single query state: use retrieve(), which runs its decoder")
+        if self.cobra is not None or self.sid_gen is not None:
+            raise ConfigError(f"a {self.mode} export has no single query state: use retrieve(), which decodes")
         batch = HistoryBatch.single(history, timestamps, query_time)
         max_len = self.encoder.max_len
         ids, times = batch.item_ids[-max_len:], batch.timestamps[-max_len:]
@@ -161,6 +166,9 @@ class ExportedModel:
         k = min(k, self.num_items)
         if self.cobra is not None:
             top = self.cobra.top_k(HistoryBatch.single(internal, timestamps, query_time), k, decoder)
+            ids, scores = top.items[0], top.scores[0]
+        elif self.sid_gen is not None:  # the trie-constrained beam search, from the KV cache
+            top = self.sid_gen.top_k(HistoryBatch.single(internal, timestamps, query_time), k)
             ids, scores = top.items[0], top.scores[0]
         else:
             q = self.query(internal, timestamps, query_time)[None, :]  # [1, D]

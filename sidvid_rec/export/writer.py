@@ -26,11 +26,12 @@ from sidvid_rec.data import SequenceData, load_sequences
 from sidvid_rec.errors import ArtifactError, ConfigError
 from sidvid_rec.export import format as ex
 from sidvid_rec.export.cobra import cobra_manifest_section
+from sidvid_rec.export.sid_gen import sid_gen_manifest_section
 from sidvid_rec.models.build import build_model
 from sidvid_rec.modules.hstu import HSTUParams
 from sidvid_rec.retrieval.faiss_index import VidIndex
 from sidvid_rec.train import checkpoint as ckpt
-from sidvid_rec.types import decodes, uses_sids
+from sidvid_rec.types import decodes, generates_sids, uses_sids
 TABLE_PREFIX = "embeddings.ebc.embedding_bags."
 """State-dict prefix of the TorchRec tables (``<prefix><table>.weight``)."""
 
@@ -143,6 +144,9 @@ def export_run(run_dir: str, out: str, checkpoint: str = "best", overrides: Sequ
     manifest = _manifest(cfg, data, record, run_dir, parts["tables"], module.encoder.params)  # COBRA: 2 tokens/item
     if decodes(cfg.model.mode):  # id/sid/sid_id manifests are unchanged
         manifest["cobra"] = _cobra_section(cfg, module)
+    if generates_sids(cfg.model.mode):
+        manifest["sid_gen"] = sid_gen_manifest_section(cfg.data.max_len, module.num_levels, module.temperature,
+                                                       cfg.eval.sid_gen_beam, cfg.eval.kv_cache)
     with storage.atomic_dir(out) as tmp:
         index.save(os.path.join(tmp, ex.INDEX))
         for name, blob in blobs.items():

@@ -22,14 +22,17 @@ from sidvid_rec.errors import ArtifactError, ConfigError
 from sidvid_rec.losses import InfoNCELoss, SampledSoftmaxLoss
 from sidvid_rec.models.cobra import CobraRecommender
 from sidvid_rec.models.hstu_rec import HSTURecommender
+from sidvid_rec.models.sid_gen import SidGenRecommender, sid_gen_max_tokens
+from sidvid_rec.modules.code_embeddings import CodeTokenEmbeddings
 from sidvid_rec.modules.embeddings import ItemEmbeddings
 from sidvid_rec.modules.hstu import HSTUEncoder, HSTUParams, set_matmul_precision
 from sidvid_rec.semantic_ids.artifacts import load_sid_artifacts
 from sidvid_rec.semantic_ids.codebook import SemanticIdCodebook
 from sidvid_rec.text import embed_dataset
-from sidvid_rec.types import decodes, uses_sids
+from sidvid_rec.semantic_ids.trie import SidTrie
+from sidvid_rec.types import decodes, generates_sids, uses_sids
 
-RecommenderModel = Union[HSTURecommender, CobraRecommender]
+RecommenderModel = Union[HSTURecommender, CobraRecommender, SidGenRecommender]
 
 
 def cobra_max_tokens(max_len: int) -> int:
@@ -40,7 +43,7 @@ def cobra_max_tokens(max_len: int) -> int:
 
 def load_codebook(cfg: Config, data: SequenceData) -> Optional[SemanticIdCodebook]:
     """The SIDs of the configured artifacts, with the disambiguation code appended when
-    ``model.sid_dedup`` (``None`` in ``id`` mode)."""
+    ``model.sid_dedup`` or the mode generates SIDs (``None`` in ``id`` mode)."""
     if not uses_sids(cfg.model.mode):
         return None
     if not cfg.sids.dir:
@@ -52,7 +55,8 @@ def load_codebook(cfg: Config, data: SequenceData) -> Optional[SemanticIdCodeboo
             f"semantic IDs in {cfg.sids.dir} cover {artifacts.codes.shape[0] - 1} items, the data set has "
             f"{data.num_items}: they were built for another data set"
         )
-    return SemanticIdCodebook.from_artifacts(artifacts, use_dedup=cfg.model.sid_dedup)
+    use_dedup = cfg.model.sid_dedup or generates_sids(cfg.model.mode)  # sid_gen: a SID names one item
+    return SemanticIdCodebook.from_artifacts(artifacts, use_dedup=use_dedup)
 
 
 def load_sid_codes(cfg: Config, data: SequenceData) -> Optional[np.ndarray]:
@@ -61,10 +65,15 @@ def load_sid_codes(cfg: Config, data: SequenceData) -> Optional[np.ndarray]:
     return None if codebook is None else codebook.codes
 
 
-def encoder_params(cfg: Config) -> HSTUParams:
-    """The HSTU hyperparameters of the ``model`` section; COBRA reads two tokens per item."""
+def encoder_params(cfg: Config, sid_levels: int = 0) -> HSTUParams:
+    """The HSTU hyperparameters of the ``model`` section; COBRA reads two tokens per item,
+    ``sid_gen`` ``sid_levels`` (its SIDs' levels, disambiguation included)."""
     m = cfg.model
-    max_len = cobra_max_tokens(cfg.data.max_len) if decodes(m.mode) else cfg.data.max_len
+    max_len = cfg.data.max_len
+    if decodes(m.mode):
+        max_len = cobra_max_tokens(cfg.data.max_len)
+    elif generates_sids(m.mode):
+        max_len = sid_gen_max_tokens(cfg.data.max_len, sid_levels)
     return HSTUParams(max_len=max_len, dim=m.dim, num_blocks=m.num_blocks, num_heads=m.num_heads, dqk=m.dqk,
                       dv=m.dv, dropout=m.dropout, attn_dropout=m.attn_dropout,
                       num_time_buckets=m.num_time_buckets, attention_scale=m.attention_scale)
@@ -125,12 +134,23 @@ def _build_cobra(cfg: Config, data: SequenceData, codebook: SemanticIdCodebook,
                             sid_logq=loss.logq_correction, sid_dropout=m.cobra_sid_dropout)
 
 
+def _build_sid_gen(cfg: Config, codebook: SemanticIdCodebook, table_device: str) -> SidGenRecommender:
+    """The ``sid_gen`` model over ``codebook``'s SIDs (disambiguation level included)."""
+    trie = SidTrie.from_codes(codebook.codes)  # refuses SIDs shared by two items
+    embeddings = CodeTokenEmbeddings(sum(trie.level_sizes), cfg.model.dim, device=table_device)
+    encoder = HSTUEncoder.from_params(encoder_params(cfg, trie.num_levels))
+    return SidGenRecommender(embeddings, encoder, codebook.codes, temperature=cfg.loss.temperature)
+
+
 def build_model(cfg: Config, data: SequenceData, table_device: str = "meta") -> RecommenderModel:
     """The unsharded model; tables on ``table_device`` (``meta``: DMP materialises the shards)."""
     codebook = load_codebook(cfg, data)
     if decodes(cfg.model.mode):
         assert codebook is not None  # uses_sids(cobra)
         return _build_cobra(cfg, data, codebook, table_device)
+    if generates_sids(cfg.model.mode):
+        assert codebook is not None  # uses_sids(sid_gen)
+        return _build_sid_gen(cfg, codebook, table_device)
     loss = SampledSoftmaxLoss(num_items=data.num_items, num_negatives=cfg.loss.num_negatives,
                               temperature=cfg.loss.temperature, shared=cfg.loss.shared_negatives)
     return HSTURecommender(build_embeddings(cfg, data, codebook, table_device), build_encoder(cfg), loss)

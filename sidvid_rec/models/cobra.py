@@ -41,8 +41,9 @@ from sidvid_rec.modules.embeddings import INIT_STD, ItemEmbeddings
 from sidvid_rec.modules.hstu import HSTUEncoder
 from sidvid_rec.semantic_ids.codebook import sid_catalog
 from sidvid_rec.types import QueryTime
-from sidvid_rec.modules.interleave import (DecodeInputs, TokenLayout, append_step, encode_tokens,
-                                           interleave_layout, next_sid_states, sid_logits, supervision, vid_queries)
+from sidvid_rec.modules.interleave import (CobraCache, DecodeInputs, TokenLayout, append_step, encode_history_cached,
+                                           encode_tokens, interleave_layout, next_sid_states, sid_logits, supervision,
+                                           vid_queries, vid_queries_cached)
 
 PLACEHOLDER_ITEM = 0
 """Item id of the appended (to be generated) step at inference; its SID vector is replaced."""
@@ -244,3 +245,11 @@ class CobraRecommender(nn.Module):
     def vid_queries(self, inputs: DecodeInputs, next_sid: Tensor) -> Tensor:
         """``[B, D]`` VID queries: outputs at the appended SID token carrying ``next_sid [B, D]``."""
         return vid_queries(self.encoder, self.type_emb.weight, inputs, next_sid)
+
+    def encode_history(self, inputs: DecodeInputs) -> CobraCache:
+        """The history encoded once (KV cache) and its next-SID states (:func:`encode_history_cached`)."""
+        return encode_history_cached(self.encoder, self.type_emb.weight, inputs)
+
+    def vid_queries_cached(self, encoded: CobraCache, next_sids: Tensor) -> Tensor:
+        """``[B, W, D]`` VID queries of ``W`` candidate SID vectors per history, from the cache."""
+        return vid_queries_cached(self.encoder, self.type_emb.weight, encoded, next_sids)

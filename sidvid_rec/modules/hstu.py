@@ -27,18 +27,27 @@ Sequences are never padded to the batch maximum: attention
 ``[T, D]``. Relative distances at or beyond ``max_len`` (possible only with explicit
 ``positions``) share the last distance weight. :mod:`sidvid_rec.modules.hstu_reference` is the padded reference with
 the same parameters (same ``state_dict`` keys).
+
+Incremental decoding (:meth:`HSTUEncoder.encode_cached`, :meth:`HSTUEncoder.extend`): the
+history is encoded once, keeping every layer's keys and values (:class:`HistoryCache`); then
+each step appends one token per beam, which attends to the history and to its beam's earlier
+tokens (:class:`StepCache`, reordered as beams are pruned) with the same relative bias
+(:mod:`sidvid_rec.ops.hstu_cached`). HSTU's ``"length"`` normaliser depends on the whole
+sequence, so the history is encoded for its *final* length (``appended`` tokens to come): the
+history's outputs, keys and values, and every appended token's, are those of re-encoding the
+whole sequence (``tests/test_hstu_cache.py``).
 """
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sidvid_rec.errors import ConfigError, DataError
-from sidvid_rec.ops import hstu_attention, jagged
+from sidvid_rec.ops import hstu_attention, hstu_cached, jagged
 from sidvid_rec.types import AttentionScale, Precision
 
 LAYER_NORM_EPS: float = 1e-6
@@ -114,16 +123,77 @@ class HSTULayer(nn.Module):
         nn.init.xavier_uniform_(self.o.weight)
         self.rel_bias = RelativeBias(max_len, num_time_buckets)
 
-    def forward(self, x: Tensor, plan: hstu_attention.AttentionPlan, fused: bool = True) -> Tensor:
-        """``x [T, D]`` -> ``[T, D]``; ``plan`` is the batch's shared attention plan."""
+    def _uvqk(self, x: Tensor) -> List[Tensor]:
         normed = F.layer_norm(x, x.shape[-1:], eps=LAYER_NORM_EPS)
-        u, v, q, k = torch.split(F.silu(normed @ self.uvqk), self._split, dim=1)  # [T, H*dv|dqk]
+        return list(torch.split(F.silu(normed @ self.uvqk), self._split, dim=1))  # [T, H*dv|dqk]
+
+    def _output(self, x: Tensor, u: Tensor, attn: Tensor) -> Tensor:
+        gated = u * F.layer_norm(attn, attn.shape[-1:], eps=LAYER_NORM_EPS)
+        return x + self.o(fast_dropout(gated, self._dropout, self.training))
+
+    def forward(self, x: Tensor, plan: hstu_attention.AttentionPlan, fused: bool = True,
+                kv: Optional[List[Tuple[Tensor, Tensor]]] = None) -> Tensor:
+        """``x [T, D]`` -> ``[T, D]``; ``plan`` is the batch's shared attention plan. With
+        ``kv`` (a list) this layer's keys and values ``[T, H*dqk]``, ``[T, H*dv]`` are appended to it."""
+        u, v, q, k = self._uvqk(x)
         attn = hstu_attention.jagged_pointwise_attention(
             q, k, v, self.rel_bias.table(), plan, self._num_heads,
             attn_dropout=self._attn_dropout, training=self.training, fused=fused,
         )  # [T, H*dv]
-        gated = u * F.layer_norm(attn, attn.shape[-1:], eps=LAYER_NORM_EPS)
-        return x + self.o(fast_dropout(gated, self._dropout, self.training))
+        if kv is not None:
+            kv.append((k, v))
+        return self._output(x, u, attn)
+
+    def step(self, x: Tensor, hist_k: Tensor, hist_v: Tensor, hist_index: Tensor, prev_k: Optional[Tensor],
+             prev_v: Optional[Tensor], step_index: Tensor, inv_scale: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """One appended token per beam (``x [R, D]``) against the cached history and the beam's
+        earlier tokens (``prev_k``, ``prev_v [R, m-1, ...]`` or ``None``); bias indices
+        ``hist_index [B, N]``, ``step_index [B, m]``. Returns ``(out [R, D], keys, values [R, m, ...])``."""
+        u, v, q, k = self._uvqk(x)
+        step_k = k.unsqueeze(1) if prev_k is None else torch.cat([prev_k, k.unsqueeze(1)], dim=1)
+        step_v = v.unsqueeze(1) if prev_v is None else torch.cat([prev_v, v.unsqueeze(1)], dim=1)
+        table = self.rel_bias.table()
+        attn = hstu_cached.step_attention(q, hist_k, hist_v, table[hist_index], step_k, step_v, table[step_index],
+                                          inv_scale, self._num_heads)
+        return self._output(x, u, attn), step_k, step_v
+
+
+def _l2(h: Tensor) -> Tensor:
+    return h / h.norm(dim=-1, keepdim=True).clamp(min=L2_NORM_EPS)
+
+
+@dataclass
+class HistoryCache:
+    """Per-layer keys and values of encoded histories (:meth:`HSTUEncoder.encode_cached`),
+    padded to the longest: ``keys[l] [B, N, H*dqk]``, ``values[l] [B, N, H*dv]``; ``valid``,
+    ``timestamps``, ``positions [B, N]``; ``inv_scale [B]`` the attention's ``1 / n``; ``room``:
+    tokens each sequence may still receive."""
+
+    keys: List[Tensor]
+    values: List[Tensor]
+    valid: Tensor
+    timestamps: Tensor
+    positions: Tensor
+    inv_scale: Tensor
+    room: int
+
+
+@dataclass
+class StepCache:
+    """Keys and values of the tokens appended so far by :meth:`HSTUEncoder.extend`, per beam:
+    ``keys[l] [R, m, H*dqk]``, ``values[l] [R, m, H*dv]`` (``R = B * W`` user-major);
+    ``timestamps``, ``positions [B, m]`` (shared by a history's beams)."""
+
+    keys: List[Tensor]
+    values: List[Tensor]
+    timestamps: Tensor
+    positions: Tensor
+
+    def select(self, rows: Tensor) -> "StepCache":
+        """The cache of beams ``rows [R']`` (indices into the current ``R`` rows, user-major,
+        the same number per history): what a beam search keeps after pruning."""
+        return StepCache([k[rows] for k in self.keys], [v[rows] for v in self.values], self.timestamps,
+                         self.positions)
 
 
 @dataclass
@@ -256,11 +326,17 @@ class HSTUEncoder(nn.Module):
         """
         host = jagged.host_offsets_of(offsets, host_offsets)  # the CPU copy, read once
         self._check_inputs(x, offsets, timestamps, positions, query_timestamps, host)
+        return self._encode(x, offsets, timestamps, positions, query_timestamps, host=host)
+
+    def _encode(self, x: Tensor, offsets: Tensor, timestamps: Tensor, positions: Optional[Tensor],
+                query_timestamps: Optional[Tensor], scale_lengths: Optional[Tensor] = None,
+                kv: Optional[List[Tuple[Tensor, Tensor]]] = None, host: Optional[Tensor] = None) -> Tensor:
         if query_timestamps is None:
             query_timestamps = jagged.next_timestamps(timestamps, offsets)
         plan = hstu_attention.build_attention_plan(
             offsets, timestamps, query_timestamps, positions, self.max_len, self.num_time_buckets,
             scale_by_length=self.attention_scale == "length", overhead=self.chunk_overhead, host_offsets=host,
+            scale_lengths=scale_lengths,
         )
         if positions is None:
             positions = jagged.index_within_sequence(offsets, x.shape[0])
@@ -270,12 +346,80 @@ class HSTUEncoder(nn.Module):
         if dtype is not None and h.device.type in ("cpu", "cuda"):
             with torch.autocast(h.device.type, dtype=dtype):
                 for layer in self.layers:
-                    h = layer(h, plan, fused=self.fused)
+                    h = layer(h, plan, fused=self.fused, kv=kv)
             h = h.float()
         else:
             for layer in self.layers:
-                h = layer(h, plan, fused=self.fused)
-        return h / h.norm(dim=-1, keepdim=True).clamp(min=L2_NORM_EPS)
+                h = layer(h, plan, fused=self.fused, kv=kv)
+        return _l2(h)
+
+    # -- incremental decoding (inference only: no dropout)
+
+    def encode_cached(self, x: Tensor, offsets: Tensor, timestamps: Tensor, positions: Optional[Tensor] = None,
+                      query_timestamps: Optional[Tensor] = None, appended: int = 1) -> Tuple[Tensor, "HistoryCache"]:
+        """Encodes histories once for incremental decoding: ``(out [T, D], cache)``.
+
+        Same arguments and outputs as :meth:`forward`, plus ``appended``: how many tokens each
+        sequence will get through :meth:`extend`. With ``attention_scale="length"`` every row
+        divides by ``length + appended``, the length re-encoding the history with those tokens
+        would divide by, so the history's outputs, keys and values are the re-encoding's.
+        Pass the ``query_timestamps`` re-encoding would use (the last history row queries
+        with the first appended token's time).
+        """
+        host = jagged.host_offsets_of(offsets)
+        self._check_inputs(x, offsets, timestamps, positions, query_timestamps, host)
+        lengths = jagged.offsets_to_lengths(offsets)
+        if appended < 0 or (positions is None and int(lengths.max()) + appended > self.max_len):
+            raise DataError(f"cannot append {appended} tokens to {int(lengths.max())} within max_len={self.max_len}")
+        kv: List[Tuple[Tensor, Tensor]] = []
+        out = self._encode(x, offsets, timestamps, positions, query_timestamps, lengths + appended, kv, host)
+        if positions is None:
+            positions = jagged.index_within_sequence(offsets, x.shape[0])
+        width = int(lengths.max())
+        keys = [hstu_cached.pad_rows(k, offsets, width)[0] for k, _ in kv]
+        values = [hstu_cached.pad_rows(v, offsets, width)[0] for _, v in kv]
+        ts, valid = hstu_cached.pad_rows(timestamps, offsets, width)
+        pos, _ = hstu_cached.pad_rows(positions, offsets, width)
+        return out, HistoryCache(keys, values, valid, ts, pos, self._inv_scale(lengths + appended), appended)
+
+    def _inv_scale(self, lengths: Tensor) -> Tensor:
+        if self.attention_scale == "length":
+            return lengths.to(torch.float32).reciprocal()
+        return torch.full(lengths.shape, 1.0 / self.max_len, device=lengths.device)
+
+    def extend(self, cache: "HistoryCache", step: Optional["StepCache"], x: Tensor, timestamps: Tensor,
+               positions: Tensor, query_timestamps: Tensor) -> Tuple[Tensor, "StepCache"]:
+        """Appends one token per beam: ``x [R, D]`` item embeddings, ``R = B * W`` user-major
+        (``W`` beams per history); ``timestamps``, ``positions``, ``query_timestamps [B]`` of
+        the new token, shared by a history's beams. Each beam's token attends causally to the
+        history and to the beam's earlier tokens (``step``, reordered to the beams with
+        :meth:`StepCache.select`). Returns ``(out [R, D]`` L2-normalised, the extended step cache``)``."""
+        batch = cache.valid.shape[0]
+        done = 0 if step is None else step.positions.shape[1]
+        if x.dim() != 2 or x.shape[1] != self.dim or x.shape[0] % batch:
+            raise DataError(f"extend takes [B * W, {self.dim}] rows for B={batch} histories, got {tuple(x.shape)}")
+        if done >= cache.room:
+            raise DataError(f"the cache was encoded for {cache.room} appended tokens; {done} are there already")
+        if int(positions.max()) >= self.max_len or int(positions.min()) < 0:
+            raise DataError(f"positions must lie in [0, max_len={self.max_len})")
+        beams = x.shape[0] // batch
+        h = x * math.sqrt(self.dim) + self.pos_emb(positions).repeat_interleave(beams, dim=0)
+        step_ts = timestamps.unsqueeze(1) if step is None else torch.cat([step.timestamps, timestamps.unsqueeze(1)], 1)
+        step_pos = positions.unsqueeze(1) if step is None else torch.cat([step.positions, positions.unsqueeze(1)], 1)
+        args = (self.max_len, self.num_time_buckets)
+        hist_index = hstu_cached.bias_index(query_timestamps, positions, cache.timestamps, cache.positions,
+                                            cache.valid, *args)
+        step_index = hstu_cached.bias_index(query_timestamps, positions, step_ts, step_pos,
+                                            torch.ones_like(step_pos, dtype=torch.bool), *args)
+        keys, values = [], []
+        for i, layer in enumerate(self.layers):
+            prev_k = None if step is None else step.keys[i]
+            prev_v = None if step is None else step.values[i]
+            h, k, v = layer.step(h, cache.keys[i], cache.values[i], hist_index, prev_k, prev_v, step_index,
+                                 cache.inv_scale)
+            keys.append(k)
+            values.append(v)
+        return _l2(h), StepCache(keys, values, step_ts, step_pos)
 
     def _check_inputs(
         self,

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sidvid_rec.modules.hstu import HistoryCache, HSTUEncoder
 from sidvid_rec.ops import jagged
 from sidvid_rec.types import QueryTime
 
@@ -217,6 +218,48 @@ def vid_queries(encoder: nn.Module, type_emb: Tensor, inputs: DecodeInputs, next
     sid_tokens = inputs.sid_tokens.index_copy(0, inputs.placeholder_steps, next_sid.to(inputs.sid_tokens.dtype))
     h = encode_tokens(encoder, type_emb, inputs.layout, sid_tokens, inputs.vid_tokens)
     return h[inputs.layout.last_rows()]
+
+
+class CobraCache(NamedTuple):
+    """A history encoded once for decoding (:func:`encode_history_cached`): the next-SID
+    states, the encoder's KV cache, and where the appended SID token sits."""
+
+    states: Tensor
+    """``[B, D]`` output at each history's last VID token (predicts the next SID)."""
+    cache: HistoryCache
+    """Per-layer keys and values of the history tokens (the placeholder's SID token excluded)."""
+    timestamps: Tensor
+    """``[B]`` time of the appended SID token."""
+    positions: Tensor
+    """``[B]`` its position."""
+    query_timestamps: Tensor
+    """``[B]`` its query time."""
+
+
+def encode_history_cached(encoder: HSTUEncoder, type_emb: Tensor, inputs: DecodeInputs) -> CobraCache:
+    """Encodes the history tokens once (every token of the layout but the placeholder's SID
+    token, which is appended per query by :func:`vid_queries_cached`)."""
+    layout = inputs.layout
+    x = interleave(inputs.sid_tokens, inputs.vid_tokens, layout) + type_emb[layout.token_type]  # [T2, D]
+    last = layout.last_rows()  # the placeholder SID token of each sequence
+    history = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    history[last] = False
+    offsets = layout.offsets - torch.arange(layout.offsets.numel(), device=x.device, dtype=layout.offsets.dtype)
+    out, cache = encoder.encode_cached(x[history], offsets, layout.timestamps[history],
+                                       positions=layout.positions[history],
+                                       query_timestamps=layout.query_timestamps[history], appended=1)
+    return CobraCache(out[offsets[1:] - 1], cache, layout.timestamps[last], layout.positions[last],
+                      layout.query_timestamps[last])
+
+
+def vid_queries_cached(encoder: HSTUEncoder, type_emb: Tensor, encoded: CobraCache, next_sids: Tensor) -> Tensor:
+    """``[B, W, D]`` VID queries: the appended SID token carrying each of ``next_sids [B, W, D]``
+    (``W`` candidate SIDs per history), each attending to the cached history only; equal to
+    :func:`vid_queries` per candidate."""
+    batch, beams, dim = next_sids.shape
+    x = next_sids.reshape(batch * beams, dim).to(type_emb.dtype) + type_emb[SID_TYPE]
+    out, _ = encoder.extend(encoded.cache, None, x, encoded.timestamps, encoded.positions, encoded.query_timestamps)
+    return out.view(batch, beams, dim)
 
 
 def sid_logits(states: Tensor, sid_table: Tensor, temperature: float) -> Tensor:

@@ -137,6 +137,7 @@ def build_attention_plan(
     scale_by_length: bool,
     overhead: float = DEFAULT_CHUNK_OVERHEAD,
     host_offsets: Optional[Tensor] = None,
+    scale_lengths: Optional[Tensor] = None,
 ) -> AttentionPlan:
     """Chunks the batch and precomputes each chunk's bias index and ``1/n`` scale.
 
@@ -150,6 +151,9 @@ def build_attention_plan(
         positions: optional ``[T]`` positions for the relative distance ``pos[i] - pos[j]``;
             ``None`` = index within the sequence (no pairwise work needed for it).
         scale_by_length: divide by each sequence's true length, else by ``max_len``.
+        scale_lengths: optional ``[B]`` lengths to divide by instead of the true ones (with
+            ``scale_by_length``): a history encoded for incremental decoding divides by the
+            length it will have once the decoded tokens are appended, as re-encoding would.
     """
     layout = plan_length_chunks(offsets, overhead, host_offsets=host_offsets)
     rows = layout.gather_rows
@@ -164,10 +168,11 @@ def build_attention_plan(
             _chunk_bias_index(key_rows[span].view(shape), query_rows[span].view(shape), pos, max_len, num_time_buckets)
         )
         if scale_by_length:
-            denom = chunk.lengths.to(torch.float32)
+            lengths = chunk.lengths if scale_lengths is None else scale_lengths.to(chunk.seq_ids.device)[chunk.seq_ids]
+            denom = lengths.to(torch.float32)
         else:
             denom = torch.full(shape[:1], float(max_len), device=chunk.lengths.device)
-        row_scale.append(denom.reciprocal().view(-1, 1, 1))
+        row_scale.append(denom.to(timestamps.device).reciprocal().view(-1, 1, 1))
     return AttentionPlan(layout, bias_index, row_scale)
 
 

@@ -1,0 +1,128 @@
+"""``sid_gen``: generative retrieval over semantic IDs with the jagged HSTU (TIGER-style, decoder-only).
+
+Each item is its ``L`` SID code tokens (the disambiguation level included, so a SID names one
+item); the encoder reads the history's tokens (:mod:`sidvid_rec.modules.sid_tokens` for the
+layout, timestamps and query times) and predicts every code of every item after the first.
+
+Training step (S = steps, B = sequences, T = (S + B) L - B tokens)::
+
+    steps = inputs + each sequence's last target                items [S + B], times, offsets [B+1]
+    tokens [T] (each item's L codes, the last token dropped) --code table--> x [T, D]
+    x --HSTUEncoder--> h [T, D]
+    token j >= L - 1 of a sequence predicts token j + 1's code: full softmax over the K_l codes
+    of its level (cosine with the level's output vectors / temperature), teacher-forced, jagged
+
+Retrieval (:mod:`sidvid_rec.decode.sid_beam`): the history's tokens are encoded once (KV
+cache); a beam search over the ``L`` levels, constrained to the trie of valid SIDs
+(:class:`~sidvid_rec.semantic_ids.trie.SidTrie`), appends one code token per beam per level
+and returns the top-K items with their sequence log-probabilities.
+"""
+
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from sidvid_rec.data.batches import SequenceBatch
+from sidvid_rec.losses import code_softmax_loss
+from sidvid_rec.models.hstu_rec import StepOutput
+from sidvid_rec.modules.code_embeddings import CodeTokenEmbeddings
+from sidvid_rec.modules.embeddings import INIT_STD
+from sidvid_rec.modules.hstu import HSTUEncoder
+from sidvid_rec.modules.interleave import append_step
+from sidvid_rec.modules.sid_tokens import (GenerationTables, GenInputs, code_tokens, level_offsets,
+                                           prepare_histories, token_table)
+from sidvid_rec.ops import jagged
+from sidvid_rec.semantic_ids.trie import SidTrie
+
+
+def sid_gen_max_tokens(max_len: int, levels: int) -> int:
+    """Tokens of the longest sequence: ``max_len`` history items plus the ``L - 1`` code tokens
+    a decoder appends (= a training sequence of ``max_len + 1`` items, its last token dropped)."""
+    return (max_len + 1) * levels - 1
+
+
+class SidGenRecommender(nn.Module):
+    """HSTU over SID code tokens with the next-code loss and what the beam search reads.
+
+    Args:
+        embeddings: the code-token table (``sum_l K_l`` rows).
+        encoder: jagged HSTU whose ``max_len`` covers :func:`sid_gen_max_tokens`.
+        codes: ``[N + 1, L]`` SIDs with the disambiguation level (unique over items 1..N).
+        temperature: of the code logits (cosine / temperature).
+    """
+
+    def __init__(self, embeddings: CodeTokenEmbeddings, encoder: HSTUEncoder, codes: np.ndarray,
+                 temperature: float = 0.05) -> None:
+        super().__init__()
+        self.trie = SidTrie.from_codes(codes)
+        offsets = level_offsets(self.trie.level_sizes)
+        if embeddings.num_rows != int(offsets[-1]):
+            raise ValueError(f"the code table has {embeddings.num_rows} rows, the SIDs need {int(offsets[-1])}")
+        self.embeddings = embeddings
+        self.encoder = encoder
+        self.temperature = temperature
+        self.num_levels = self.trie.num_levels
+        self.register_buffer("level_offsets", offsets, persistent=False)
+        codes_t = torch.as_tensor(np.asarray(codes), dtype=torch.int64)
+        self.register_buffer("codes", codes_t.clamp(min=0), persistent=False)
+        self.register_buffer("token_of_item", token_table(codes_t, offsets), persistent=False)
+        self.heads = nn.Parameter(torch.empty(int(offsets[-1]), embeddings.dim).normal_(std=INIT_STD))
+
+    @property
+    def num_items(self) -> int:
+        return self.trie.num_items
+
+    def forward(self, batch: SequenceBatch, generator: Optional[torch.Generator] = None) -> StepOutput:
+        """Teacher-forced next-code cross-entropy of a training batch (``generator`` unused: no sampling)."""
+        if not batch.next_item_targets:
+            raise ValueError("SidGenRecommender.forward needs a training batch (a target per position)")
+        items, times = batch.jagged("item_id"), batch.jagged("timestamp")
+        targets, target_times = batch.jagged("target_id"), batch.jagged("target_timestamp")
+        last = targets.offsets()[1:] - 1  # each sequence's final target = the step after its inputs
+        step_items, offsets = append_step(items.values(), items.offsets().long(), targets.values()[last])
+        step_times, _ = append_step(times.values(), items.offsets().long(), target_times.values()[last])
+        full = code_tokens(step_items, offsets, self.token_of_item, drop_last=False)  # [(S + B) L]
+        total = full.ids.numel()
+        seq = jagged.sequence_ids(full.offsets, total)
+        within = jagged.index_within_sequence(full.offsets, total)
+        keep = within < jagged.offsets_to_lengths(full.offsets)[seq] - 1  # the last token has no target
+        fed = full.offsets - torch.arange(full.offsets.numel(), device=full.offsets.device)
+        token_times = step_times[full.step[keep]]
+        h = self.encoder(self.embeddings.vectors(full.ids[keep]), fed, token_times,
+                         query_timestamps=jagged.next_timestamps(token_times, fed))
+        # Supervised: every fed token from the first item's last code on predicts the next token.
+        rows = torch.nonzero(keep & (within >= self.num_levels - 1)).flatten()  # in the full layout
+        next_level = full.level[rows + 1]
+        target_codes = full.ids[rows + 1] - self.level_offsets[next_level]
+        out = code_softmax_loss(h[rows - seq[rows]], target_codes, next_level, self.heads, self.level_offsets,
+                                self.temperature)
+        return StepOutput(out.loss, out.num_positions)
+
+    # -- inference
+
+    @torch.no_grad()
+    def generation_tables(self) -> GenerationTables:
+        """The code table, output vectors and level offsets (collective under sharding)."""
+        return GenerationTables(self.embeddings.all_vectors(self.level_offsets.device), self.heads.detach(),
+                                self.level_offsets, self.temperature)
+
+    def prepare(self, batch: SequenceBatch, tables: GenerationTables) -> GenInputs:
+        """History tokens of an evaluation batch (one target time per sequence)."""
+        items, times = batch.jagged("item_id"), batch.jagged("timestamp")
+        return prepare_histories(tables, self.token_of_item, items.values(), times.values(), items.offsets().long(),
+                                 batch.jagged("target_timestamp").values())
+
+    @torch.no_grad()
+    def export_vectors(self) -> Dict[str, Tensor]:
+        """What an export holds: ``inputs``/``candidates [N+1, D]`` (each item's summed code rows,
+        and L2-normalised: what the export's FAISS index holds, for similarity look-ups only),
+        ``sid_code_table``, ``sid_heads [sum K, D]``, ``sid_codes [N+1, L]`` (what retrieval decodes with)."""
+        tables = self.generation_tables()
+        inputs = tables.code_table[self.token_of_item].sum(dim=1)
+        inputs[0] = 0.0
+        candidates = inputs / inputs.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+        return {"inputs": inputs.contiguous(), "candidates": candidates.contiguous(),
+                "sid_code_table": tables.code_table.contiguous(), "sid_heads": tables.heads.contiguous(),
+                "sid_codes": self.codes.contiguous()}

@@ -1,0 +1,134 @@
+"""``sid_gen`` token layout: every item step becomes its ``L`` SID code tokens, jagged, never padded.
+
+A batch of ``B`` sequences of *steps* (items) ``[S]`` + ``offsets [B+1]`` becomes ``S * L``
+*tokens* ``c_0(x_1) .. c_{L-1}(x_1), c_0(x_2), ...``. A token's id indexes the code table
+``[sum_l K_l, D]``, one block of ``K_l`` rows per level (``level_offsets[l] + code``), so the
+token embedding is the per-level code row; the encoder adds position (index within the token
+sequence) and the relative time bias. Every token of an item carries the item's timestamp;
+its query time is the next token's (so a token predicting a code of the same item queries
+with that item's time, and an item's last code token with the next item's time: the HSTU
+target-time rule).
+
+Teacher forcing: token ``j`` predicts the code of token ``j + 1``; the first item's codes
+are not predicted (the supervised rows are ``j >= L - 1``). The last item's last code token
+has no target and is not fed, so a training sequence of ``n + 1`` items has ``(n + 1) L - 1``
+tokens: exactly the length of a history of ``n`` items plus the ``L - 1`` code tokens a
+decoder appends, so ``attention_scale="length"`` divides by the same length in training and
+decoding.
+
+Example::
+
+    tokens = code_tokens(step_items, step_offsets, token_of_item)   # [S*L - B], offsets [B+1]
+    x = tables.code_table[tokens.ids]                                # [T, D]
+"""
+
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from sidvid_rec.ops import jagged
+
+NORM_EPS = 1e-6
+"""L2-norm clamp of the logits' cosine (the losses' ``NORM_EPS``)."""
+
+
+class CodeTokens(NamedTuple):
+    ids: Tensor
+    """``[T]`` row of each token in the code table."""
+    level: Tensor
+    """``[T]`` SID level of each token."""
+    step: Tensor
+    """``[T]`` the step (row of the step arrays) each token comes from."""
+    offsets: Tensor
+    """``[B+1]`` token offsets."""
+
+
+def code_tokens(step_items: Tensor, step_offsets: Tensor, token_of_item: Tensor, drop_last: bool = True) -> CodeTokens:
+    """Tokens of steps ``step_items [S]`` (``token_of_item [N + 1, L]``: code-table rows of each
+    item's codes). ``drop_last``: leave out each sequence's final token (no target)."""
+    num_steps, levels = step_items.numel(), token_of_item.shape[1]
+    device = step_items.device
+    ids = token_of_item[step_items].reshape(-1)  # [S * L]
+    level = torch.arange(levels, device=device).repeat(num_steps)
+    step = torch.arange(num_steps, device=device).repeat_interleave(levels)
+    lengths = jagged.offsets_to_lengths(step_offsets) * levels
+    if drop_last:
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        keep[step_offsets[1:][step_offsets[1:] > step_offsets[:-1]] * levels - 1] = False
+        ids, level, step = ids[keep], level[keep], step[keep]
+        lengths = (lengths - 1).clamp(min=0)
+    return CodeTokens(ids, level, step, jagged.lengths_to_offsets(lengths))
+
+
+class GenerationTables(NamedTuple):
+    """What SID generation reads besides the encoder: plain tensors (the model's, or an export's)."""
+
+    code_table: Tensor
+    """``[sum_l K_l, D]`` input embedding of every (level, code) token."""
+    heads: Tensor
+    """``[sum_l K_l, D]`` output vectors: level ``l``'s logits are ``cos(state, heads_l) / temperature``."""
+    level_offsets: Tensor
+    """``[L + 1]`` first row of each level's block (and the total)."""
+    temperature: float
+
+    def level_logits(self, states: Tensor, level: int) -> Tensor:
+        """``states [R, D]`` -> ``[R, K_l]`` logits over level ``level``'s codes."""
+        start, end = int(self.level_offsets[level]), int(self.level_offsets[level + 1])
+        keys = F.normalize(self.heads[start:end], dim=-1, eps=NORM_EPS)
+        return F.normalize(states, dim=-1, eps=NORM_EPS) @ keys.T / self.temperature
+
+
+def level_offsets(level_sizes) -> Tensor:
+    """``[L + 1]`` exclusive cumulative sum of the per-level code counts."""
+    return jagged.lengths_to_offsets(torch.as_tensor(list(level_sizes), dtype=torch.int64))
+
+
+def token_table(codes: Tensor, offsets: Tensor) -> Tensor:
+    """``[N + 1, L]`` code-table row of every item's codes (row 0, padding: row 0 of each level)."""
+    return codes.clamp(min=0) + offsets[:-1].unsqueeze(0)
+
+
+class GenInputs(NamedTuple):
+    """Histories prepared for SID generation: their tokens and where decoding continues."""
+
+    x: Tensor
+    """``[T, D]`` token embeddings of the histories."""
+    offsets: Tensor
+    """``[B+1]`` token offsets."""
+    timestamps: Tensor
+    """``[T]`` token times (the item's)."""
+    query_timestamps: Tensor
+    """``[T]`` query times (the next token's; the last one: the recommendation's time)."""
+    target_timestamps: Tensor
+    """``[B]`` time of the item to generate."""
+    history: Tensor
+    """``[S]`` history item ids (to filter)."""
+    history_offsets: Tensor
+    """``[B+1]``."""
+
+
+def prepare_histories(tables: GenerationTables, token_of_item: Tensor, items: Tensor, times: Tensor,
+                      offsets: Tensor, target_times: Tensor, history: Optional[Tensor] = None,
+                      history_offsets: Optional[Tensor] = None) -> GenInputs:
+    """Token inputs of histories ``items [S]`` (times ``[S]``, offsets ``[B+1]``) whose next
+    item comes at ``target_times [B]``; ``history`` (default: ``items``) is what filtering removes."""
+    tokens = code_tokens(items, offsets, token_of_item, drop_last=False)
+    token_times = times[tokens.step]
+    query = jagged.next_timestamps(token_times, tokens.offsets, last=target_times)
+    return GenInputs(tables.code_table[tokens.ids], tokens.offsets, token_times, query, target_times,
+                     items if history is None else history, offsets if history_offsets is None else history_offsets)
+
+
+def append_rows(values: Tensor, offsets: Tensor, extra: Tensor) -> Tensor:
+    """``values [T, ...]`` with ``extra [B, m, ...]`` appended to each sequence: ``[T + B m, ...]``
+    (offsets of the result: ``offsets + m * arange(B + 1)``)."""
+    batch, m = extra.shape[0], extra.shape[1]
+    seq = jagged.sequence_ids(offsets, values.shape[0])
+    out = values.new_empty((values.shape[0] + batch * m,) + tuple(values.shape[1:]))
+    out[torch.arange(values.shape[0], device=values.device) + seq * m] = values
+    ends = offsets[1:] + m * torch.arange(1, batch + 1, device=offsets.device)  # end of each new sequence
+    rows = (ends.unsqueeze(1) - m + torch.arange(m, device=offsets.device)).reshape(-1)
+    out[rows] = extra.reshape((batch * m,) + tuple(extra.shape[2:]))
+    return out

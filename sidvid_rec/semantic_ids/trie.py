@@ -1,0 +1,97 @@
+"""The trie of valid SIDs: which code may follow a prefix, and which item a full SID names.
+
+``codes [N + 1, L]`` (row 0 = padding) with unique rows over items 1..N (the disambiguation
+level makes them unique). Level ``l`` (0-based) has ``K_l = max code + 1`` codes; its *nodes*
+are the distinct prefixes ``(c_0..c_l)``, numbered ``0 .. M_l - 1`` in lexicographic order.
+The root (the empty prefix) is the single node of level ``-1``.
+
+Tensors (all int64):
+
+* ``node_of_item[l] [N + 1]``: the level-``l`` node of each item (-1 for padding);
+* ``children[l] [M_{l-1}, K_l]``: the level-``l`` node reached from a level-``l-1`` node by
+  code ``c``, or -1 when no item has that prefix (``M_{-1} = 1``, the root);
+* ``node_code[l] [M_l]``: the last code of each node; ``items_under[l] [M_l]`` its item count;
+* ``item_of_leaf [M_{L-1}]``: the item a full SID names.
+
+A beam search masks children that are -1 (never an invalid prefix) and, with history
+filtering, children whose every item is in the history (:meth:`SidTrie.available`).
+
+Example::
+
+    trie = SidTrie.from_codes(codebook.codes)
+    trie.children[0][0]          # [K_0] nodes of the first code, -1 where no item starts so
+"""
+
+from typing import List
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from sidvid_rec.errors import DataError
+
+
+class SidTrie:
+    """Valid-SID trie of ``codes [N + 1, L]`` (see the module docstring)."""
+
+    def __init__(self, codes: np.ndarray) -> None:
+        codes = np.asarray(codes)
+        if codes.ndim != 2 or codes.shape[0] < 2:
+            raise DataError(f"SID codes must be a [num_items + 1, levels] table, got shape {codes.shape}")
+        real = codes[1:].astype(np.int64)
+        if real.min() < 0:
+            raise DataError(f"SID codes must be non-negative, found {int(real.min())}")
+        if np.unique(real, axis=0).shape[0] != real.shape[0]:
+            raise DataError("two items share a SID: SID generation needs the disambiguation level (sids dedup)")
+        self.num_items = real.shape[0]
+        self.num_levels = real.shape[1]
+        self.level_sizes: List[int] = [int(real[:, level].max()) + 1 for level in range(self.num_levels)]
+        self.node_of_item: List[Tensor] = []
+        self.children: List[Tensor] = []
+        self.node_code: List[Tensor] = []
+        self.items_under: List[Tensor] = []
+        parent = np.zeros(self.num_items, dtype=np.int64)  # every item hangs off the root
+        num_parents = 1
+        for level, size in enumerate(self.level_sizes):
+            key = parent * size + real[:, level]
+            keys, node, counts = np.unique(key, return_inverse=True, return_counts=True)
+            node = node.reshape(-1).astype(np.int64)
+            children = np.full((num_parents, size), -1, dtype=np.int64)
+            children[keys // size, keys % size] = np.arange(keys.size)
+            self.children.append(torch.from_numpy(children))
+            self.node_of_item.append(torch.from_numpy(np.concatenate([[-1], node])))
+            self.node_code.append(torch.from_numpy(keys % size))
+            self.items_under.append(torch.from_numpy(counts.astype(np.int64)))
+            parent, num_parents = node, keys.size
+        leaf = np.empty(num_parents, dtype=np.int64)
+        leaf[parent] = np.arange(1, self.num_items + 1)
+        self.item_of_leaf = torch.from_numpy(leaf)
+
+    @classmethod
+    def from_codes(cls, codes: np.ndarray) -> "SidTrie":
+        return cls(codes)
+
+    def num_nodes(self, level: int) -> int:
+        return int(self.node_code[level].numel())
+
+    def available(self, level: int, history: Tensor, history_offsets: Tensor) -> Tensor:
+        """``[B, M_l]`` bool: level-``l`` nodes with at least one item outside the example's
+        history (jagged ``history`` item ids, ``history_offsets [B+1]``); repeated history
+        items count once."""
+        batch = history_offsets.numel() - 1
+        lengths = history_offsets[1:] - history_offsets[:-1]
+        user = torch.repeat_interleave(torch.arange(batch, device=history.device), lengths)
+        pairs = torch.unique(user * (self.num_items + 1) + history.long())  # distinct (user, item)
+        user, item = pairs // (self.num_items + 1), pairs % (self.num_items + 1)
+        node = self.node_of_item[level].to(history.device)[item]
+        real = node >= 0
+        seen = torch.zeros(batch, self.num_nodes(level), dtype=torch.int64, device=history.device)
+        seen.index_put_((user[real], node[real]), torch.ones_like(node[real]), accumulate=True)
+        return seen < self.items_under[level].to(history.device).unsqueeze(0)
+
+    def to(self, device: torch.device) -> "SidTrie":
+        """Moves every tensor to ``device`` (in place); returns self."""
+        for name in ("node_of_item", "children", "node_code", "items_under"):
+            setattr(self, name, [t.to(device) for t in getattr(self, name)])
+        self.item_of_leaf = self.item_of_leaf.to(device)
+        return self

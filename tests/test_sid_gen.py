@@ -1,0 +1,171 @@
+"""sid_gen: the valid-SID trie, the code-token layout and loss, and the constrained beam search
+(valid distinct items, normalised sequence probabilities, KV-cached = re-encoding)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from sidvid_rec.data.batches import FEATURE_KEYS, SequenceBatch
+from sidvid_rec.decode.sid_beam import sid_beam_search
+from sidvid_rec.errors import DataError
+from sidvid_rec.eval.evaluate import list_ranks
+from sidvid_rec.models.sid_gen import SidGenRecommender, sid_gen_max_tokens
+from sidvid_rec.modules.code_embeddings import CodeTokenEmbeddings
+from sidvid_rec.modules.hstu import HSTUEncoder
+from sidvid_rec.modules.sid_tokens import append_rows, code_tokens
+from sidvid_rec.ops import jagged
+from sidvid_rec.semantic_ids.trie import SidTrie
+from sidvid_rec.types import MISSING_ID
+
+NUM_ITEMS, DIM, MAX_LEN = 40, 8, 8
+
+
+def _codes(seed: int = 0) -> np.ndarray:
+    """Unique 3-level SIDs: 2 coarse levels (3 x 4 codes, not all used) + a disambiguation code."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, [3, 4], size=(NUM_ITEMS, 2))
+    dedup = np.zeros(NUM_ITEMS, dtype=np.int64)
+    seen = {}
+    for i, row in enumerate(map(tuple, coarse)):
+        dedup[i] = seen.get(row, 0)
+        seen[row] = dedup[i] + 1
+    codes = np.concatenate([coarse, dedup[:, None]], axis=1)
+    return np.concatenate([np.full((1, 3), -1), codes])
+
+
+def tiny_model(scale: str = "length", seed: int = 0) -> SidGenRecommender:
+    torch.manual_seed(seed)
+    codes = _codes()
+    trie = SidTrie.from_codes(codes)
+    enc = HSTUEncoder(max_len=sid_gen_max_tokens(MAX_LEN, 3), dim=DIM, num_blocks=2, num_heads=2, dqk=4, dv=4,
+                      dropout=0.0, attn_dropout=0.0, attention_scale=scale)
+    for layer in enc.layers:
+        layer.rel_bias.ts_w.data.normal_(std=0.3)
+        layer.rel_bias.pos_w.data.normal_(std=0.3)
+    return SidGenRecommender(CodeTokenEmbeddings(sum(trie.level_sizes), DIM), enc, codes, temperature=0.2).eval()
+
+
+def make_batch(histories, targets, training: bool) -> SequenceBatch:
+    items, times, tgt, tgt_times, lengths, tgt_lengths = [], [], [], [], [], []
+    for b, (hist, target) in enumerate(zip(histories, targets)):
+        ts = [1000 * (i + 1) ** 2 + 7 * b for i in range(len(hist) + 1)]
+        items += hist
+        times += ts[:-1]
+        lengths.append(len(hist))
+        if training:
+            full = hist + [target]
+            tgt += full[1:]
+            tgt_times += ts[1:]
+            tgt_lengths.append(len(hist))
+        else:
+            tgt.append(target)
+            tgt_times.append(ts[-1])
+            tgt_lengths.append(1)
+    values = torch.tensor(items + times + tgt + tgt_times, dtype=torch.int64)
+    all_lengths = torch.tensor(lengths + lengths + tgt_lengths + tgt_lengths, dtype=torch.int32)
+    kjt = KeyedJaggedTensor.from_lengths_sync(keys=FEATURE_KEYS, values=values, lengths=all_lengths)
+    return SequenceBatch(kjt, torch.arange(len(histories)), torch.ones(len(histories)), training)
+
+
+HISTORIES = [[3, 9, 27, 1, 14, 30, 2, 8], [5, 6], [11, 12, 40, 7]]
+TARGETS = [4, 19, 33]
+
+
+# ----------------------------------------------------------------------------- trie and layout
+
+
+def test_trie_children_and_leaves():
+    codes = _codes()
+    trie = SidTrie.from_codes(codes)
+    assert trie.num_levels == 3 and trie.level_sizes[:2] == [3, 4]
+    for item in range(1, NUM_ITEMS + 1):
+        node = 0
+        for level in range(3):
+            node = int(trie.children[level][node, codes[item, level]])
+            assert node == int(trie.node_of_item[level][item]) >= 0
+        assert int(trie.item_of_leaf[node]) == item
+    prefixes = {tuple(r) for r in codes[1:, :2]}
+    for a in range(3):
+        for b in range(4):
+            child = int(trie.children[1][int(trie.children[0][0, a]), b]) if int(trie.children[0][0, a]) >= 0 else -1
+            assert (child >= 0) == ((a, b) in prefixes)
+    with pytest.raises(DataError, match="disambiguation"):
+        SidTrie.from_codes(codes[:, :2])  # coarse codes are shared
+
+
+def test_trie_available_drops_prefixes_whose_items_are_all_seen():
+    codes = _codes()
+    trie = SidTrie.from_codes(codes)
+    group = [i for i in range(1, NUM_ITEMS + 1) if tuple(codes[i, :2]) == tuple(codes[1, :2])]
+    history = torch.tensor(group + group[:1])  # a repeat counts once
+    avail = trie.available(1, history, torch.tensor([0, history.numel()]))
+    node = int(trie.node_of_item[1][1])
+    assert not bool(avail[0, node]) and int(avail[0].sum()) == trie.num_nodes(1) - 1
+
+
+def test_code_tokens_and_append_rows():
+    token_of_item = torch.arange(3 * 5).view(5, 3)
+    tokens = code_tokens(torch.tensor([1, 2, 3, 4]), torch.tensor([0, 3, 4]), token_of_item)
+    assert tokens.ids.tolist() == [3, 4, 5, 6, 7, 8, 9, 10, 12, 13]  # each sequence's last token dropped
+    assert tokens.offsets.tolist() == [0, 8, 10]
+    out = append_rows(torch.tensor([1, 2, 3]), torch.tensor([0, 2, 3]), torch.tensor([[7, 8], [9, 10]]))
+    assert out.tolist() == [1, 2, 7, 8, 3, 9, 10]
+
+
+def test_training_loss_is_finite_and_trains():
+    model = tiny_model().train()
+    batch = make_batch(HISTORIES, TARGETS, training=True)
+    out = model(batch)
+    # every item after the first predicts 3 codes: (8 + 2 + 4 inputs + 3 targets - 3 first items) * 3
+    assert out.num_positions == (14 + 3 - 3) * 3
+    assert math.isfinite(float(out.loss)) and float(out.loss) > 0
+    out.loss.backward()
+    assert model.heads.grad is not None and float(model.heads.grad.abs().sum()) > 0
+
+
+# ----------------------------------------------------------------------------- beam search
+
+
+def _search(model, k, beam=0, kv_cache=True, filter_history=True):
+    batch = make_batch(HISTORIES, TARGETS, training=False)
+    tables = model.generation_tables()
+    return sid_beam_search(model.encoder, tables, model.trie, model.prepare(batch, tables), k, beam=beam,
+                           kv_cache=kv_cache, filter_history=filter_history)
+
+
+def test_beam_returns_valid_distinct_unseen_items():
+    top = _search(tiny_model(), k=10)
+    assert top.items.shape == (3, 10)
+    for row, hist in zip(top.items.tolist(), HISTORIES):
+        assert len(set(row)) == 10 and all(1 <= i <= NUM_ITEMS for i in row) and not set(row) & set(hist)
+    assert bool((top.scores[:, :-1] >= top.scores[:, 1:]).all()) and bool((top.scores <= 0).all())
+
+
+def test_full_beam_is_the_normalised_distribution_over_unseen_items():
+    """With a beam as wide as the catalogue every unseen item is found, and the constrained
+    sequence probabilities sum to 1; slots past the catalogue are MISSING_ID."""
+    top = _search(tiny_model(), k=NUM_ITEMS, beam=NUM_ITEMS)
+    for b, hist in enumerate(HISTORIES):
+        found = [i for i in top.items[b].tolist() if i != MISSING_ID]
+        assert sorted(found) == sorted(set(range(1, NUM_ITEMS + 1)) - set(hist))
+        assert top.items[b].tolist()[len(found):] == [MISSING_ID] * len(hist)
+        assert float(top.scores[b, :len(found)].exp().sum()) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("scale", ["length", "max_len"])
+def test_kv_cached_beam_matches_re_encoding(scale):
+    model = tiny_model(scale)
+    cached = _search(model, k=6, beam=7)
+    again = _search(model, k=6, beam=7, kv_cache=False)
+    assert torch.equal(cached.items, again.items)
+    torch.testing.assert_close(cached.scores, again.scores, rtol=1e-5, atol=1e-5)
+
+
+def test_list_ranks_with_scores_counts_ties_against_the_target():
+    items = torch.tensor([[4, 2, 9, MISSING_ID]])
+    scores = torch.tensor([[-1.0, -2.0, -2.0, float("-inf")]])
+    assert list_ranks(items, torch.tensor([2]), scores).tolist() == [3.0]
+    assert math.isinf(float(list_ranks(items, torch.tensor([5]), scores)[0]))
