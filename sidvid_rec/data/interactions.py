@@ -261,12 +261,13 @@ def _count_users(files: List[str], cfg: DataConfig) -> Tuple[np.ndarray, np.ndar
     return users.result()
 
 
-def _sort_by_time(offsets: np.ndarray, items: np.ndarray, times: np.ndarray, ratings: np.ndarray) -> None:
+def _sort_by_time(offsets: np.ndarray, items: np.ndarray, times: np.ndarray, ratings: np.ndarray,
+                  chunk_rows: int) -> None:
     """Sorts each user's slot by time, stable (file order breaks ties), in place, chunk by chunk."""
     num_users = offsets.size - 1
     u0 = 0
     while u0 < num_users:
-        u1 = int(np.searchsorted(offsets, offsets[u0] + SORT_CHUNK_ROWS, side="right")) - 1
+        u1 = int(np.searchsorted(offsets, offsets[u0] + chunk_rows, side="right")) - 1
         u1 = min(max(u1, u0 + 1), num_users)
         lo, hi = int(offsets[u0]), int(offsets[u1])
         t = times[lo:hi]
@@ -282,8 +283,9 @@ def _sort_by_time(offsets: np.ndarray, items: np.ndarray, times: np.ndarray, rat
         u0 = u1
 
 
-def build(cfg: DataConfig, path: str, fingerprint: str):
-    """The :class:`~sidvid_rec.data.sequences.SequenceData` of the interactions at ``path``."""
+def build(cfg: DataConfig, path: str, fingerprint: str, chunk_rows: int = SORT_CHUNK_ROWS):
+    """The :class:`~sidvid_rec.data.sequences.SequenceData` of the interactions at ``path``
+    (``chunk_rows``: output rows sorted or remapped at once)."""
     from sidvid_rec.data.sequences import SequenceData  # here: sequences imports this module
 
     files, item_files = source_files(cfg, path)
@@ -291,9 +293,7 @@ def build(cfg: DataConfig, path: str, fingerprint: str):
     user_ids, counts = _count_users(files, cfg)
     if user_ids.size == 0:
         raise DataError("the data set holds no interactions")
-    keep_user = counts >= cfg.min_len
-    if not keep_user.any():
-        raise DataError(f"no user has at least data.min_len={cfg.min_len} interactions")
+    keep_user = counts >= cfg.min_len  # none kept: pass 2 still checks every row, then refuses
     kept_ids, kept_counts = user_ids[keep_user], counts[keep_user]
     dropped = int((~keep_user).sum())
     del user_ids, counts, keep_user
@@ -331,6 +331,8 @@ def build(cfg: DataConfig, path: str, fingerprint: str):
             items[dest], times[dest], ratings[dest] = kept, t[ok][order], r[ok][order]
             filled[slot[starts]] += sizes
             kept_items.add(kept)
+    if kept_ids.size == 0:
+        raise DataError(f"no user has at least data.min_len={cfg.min_len} interactions")
     if not np.array_equal(filled, kept_counts):
         raise DataError(f"{path} changed while it was being read; run again")
     del filled, kept_counts
@@ -341,10 +343,10 @@ def build(cfg: DataConfig, path: str, fingerprint: str):
         if missing.size:
             raise DataError(f"{cfg.items_path}: {missing.size} rated items have no item text (first: "
                             f"{int(missing[0])}); the item table does not match the interactions")
-    _sort_by_time(offsets, items, times, ratings)
+    _sort_by_time(offsets, items, times, ratings, chunk_rows)
     item_raw_ids = kept_items.result()[0]
-    for lo in range(0, total, SORT_CHUNK_ROWS):  # raw ids -> 1..N, in place
-        items[lo:lo + SORT_CHUNK_ROWS] = np.searchsorted(item_raw_ids, items[lo:lo + SORT_CHUNK_ROWS]) + 1
+    for lo in range(0, total, chunk_rows):  # raw ids -> 1..N, in place
+        items[lo:lo + chunk_rows] = np.searchsorted(item_raw_ids, items[lo:lo + chunk_rows]) + 1
     raw = item_raw_ids.tolist()
     if item_files:
         item_title = [""] + [titles.get(i, "") for i in raw]

@@ -99,7 +99,7 @@ def build_sequences(raw: readers.RawInteractions, min_len: int, fingerprint: str
         timestamps=timestamps.astype(np.int64),
         ratings=ratings.astype(np.float32),
         offsets=offsets,
-        user_raw_ids=user_raw_ids.astype(np.int64),
+        user_raw_ids=user_raw_ids[keep_user].astype(np.int64),  # aligned with offsets: kept users only
         item_raw_ids=np.concatenate([[-1], item_raw_ids]).astype(np.int64),
         item_title=titles,
         item_text=texts,
