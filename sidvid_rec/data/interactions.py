@@ -39,7 +39,7 @@ from sidvid_rec.config import DataConfig
 from sidvid_rec.data import readers
 from sidvid_rec.errors import DataError
 
-SORT_CHUNK_ROWS = 4_000_000
+SORT_CHUNK_ROWS = 1_000_000
 """Rows of output sorted by time at once (bounds the sort's working memory)."""
 
 
@@ -50,6 +50,36 @@ def _pa():
     import pyarrow.parquet as pq
 
     return pa, pacsv, pq
+
+
+def _libc():
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+_M_MMAP_THRESHOLD = -3
+
+
+def _map_large_allocations() -> None:
+    """Pins glibc's mmap threshold at 128 KiB, so every batch-sized array is its own mapping,
+    given back to the OS when freed. By default glibc raises the threshold after the first
+    large free, and later batch arrays come from the heap, which fragments: the reader's RSS
+    then grows with the file (measured: +1 GiB at 50M rows)."""
+    if _LIBC is not None and hasattr(_LIBC, "mallopt"):
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, 128 * 1024)
+
+
+def release_memory() -> None:
+    """Hands freed memory back to the OS (Arrow's pool, glibc's heap)."""
+    pa, _, _ = _pa()
+    pa.default_memory_pool().release_unused()
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
 
 
 # ----------------------------------------------------------------------------- files
@@ -258,6 +288,8 @@ def _count_users(files: List[str], cfg: DataConfig) -> Tuple[np.ndarray, np.ndar
     for path in files:
         for row0, batch in _batches(path, {cfg.user_col: "data.user_col"}, cfg.read_batch_rows):
             users.add(_ints(batch[cfg.user_col], path, cfg.user_col, row0))
+            del batch
+            release_memory()
     return users.result()
 
 
@@ -280,6 +312,8 @@ def _sort_by_time(offsets: np.ndarray, items: np.ndarray, times: np.ndarray, rat
             items[lo:hi] = items[lo:hi][order]
             times[lo:hi] = t[order]
             ratings[lo:hi] = ratings[lo:hi][order]
+            del local, order
+            release_memory()
         u0 = u1
 
 
@@ -288,6 +322,7 @@ def build(cfg: DataConfig, path: str, fingerprint: str, chunk_rows: int = SORT_C
     (``chunk_rows``: output rows sorted or remapped at once)."""
     from sidvid_rec.data.sequences import SequenceData  # here: sequences imports this module
 
+    _map_large_allocations()
     files, item_files = source_files(cfg, path)
     titles, texts = read_items(item_files, cfg) if item_files else ({}, {})
     user_ids, counts = _count_users(files, cfg)
@@ -331,6 +366,8 @@ def build(cfg: DataConfig, path: str, fingerprint: str, chunk_rows: int = SORT_C
             items[dest], times[dest], ratings[dest] = kept, t[ok][order], r[ok][order]
             filled[slot[starts]] += sizes
             kept_items.add(kept)
+            del batch, u, i, t, r, slot, ok, order, starts, sizes, rank, dest, kept
+            release_memory()
     if kept_ids.size == 0:
         raise DataError(f"no user has at least data.min_len={cfg.min_len} interactions")
     if not np.array_equal(filled, kept_counts):
