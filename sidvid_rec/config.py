@@ -59,7 +59,7 @@ class DataConfig:
     text_cols: List[str] = field(default_factory=lambda: ["title", "genres"])
     """``interactions`` format: item-table columns forming an item's text: ``<first>. <Col>: <value>. ...``
     (empty values skipped); the ``title`` column (else the first one) is the item's title."""
-    read_batch_rows: int = 1_000_000
+    read_batch_rows: int = 250_000
     """``interactions`` format: rows read per batch (bounds the reader's working memory)."""
 
 

@@ -18,7 +18,8 @@ is a repeated event of the sequence); a repeated item row in the item table: the
 as in the MovieLens/Amazon item files.
 
 Memory: nothing is loaded whole. :func:`build` makes two passes over the files in batches of
-``data.read_batch_rows`` rows. Pass 1 reads the user column only and counts each user's rows,
+``data.read_batch_rows`` rows (Parquet: one row group's needed columns at a time, cut into
+batches; CSV: streamed blocks). Pass 1 reads the user column only and counts each user's rows,
 which gives the kept users (``data.min_len``) and every sequence's offsets. Pass 2 reads the
 other columns and scatters each row straight into its user's slot of the output arrays (file
 order within a user); each user's slot is then sorted by time (stable) in chunks, and the raw
@@ -153,7 +154,7 @@ def _batches(path: str, columns: Dict[str, str], batch_rows: int, optional: Tupl
     try:
         with storage.open_file(path, "rb") as f:
             if _is_parquet(path):
-                stream = pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=wanted)
+                stream = _parquet_batches(pq.ParquetFile(f), wanted, batch_rows)
             else:
                 stream = pacsv.open_csv(
                     f, read_options=pacsv.ReadOptions(block_size=int(min(max(batch_rows * 40, 1 << 16), 1 << 30))),
@@ -166,6 +167,15 @@ def _batches(path: str, columns: Dict[str, str], batch_rows: int, optional: Tupl
                 row += batch.num_rows
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"{path}: cannot read past data row {row} ({_first_line(e)})")
+
+
+def _parquet_batches(parquet, columns: List[str], batch_rows: int):
+    """The record batches of ``columns``, one row group at a time (``ParquetFile.iter_batches``
+    keeps memory of every row group it has read: +1 GiB over a 540 MB file, measured)."""
+    for group in range(parquet.num_row_groups):
+        table = parquet.read_row_group(group, columns=columns)
+        yield from table.to_batches(max_chunksize=batch_rows)
+        del table
 
 
 def _ints(array, path: str, column: str, row0: int, times: bool = False) -> np.ndarray:
