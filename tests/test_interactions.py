@@ -186,3 +186,29 @@ def test_item_table_errors_and_duplicates(tmp_path, capsys):
     capsys.readouterr()
     got = load_sequences(DataConfig(path=data, items_path=items, min_len=3, cache_dir=str(tmp_path / "cache")))
     assert got.item_text == ["", "A2", "B. Genres: y", "C. Genres: z, w"] and got.item_title[1] == "A2"
+
+
+def test_item_table_inside_the_data_directory_is_not_read_as_interactions(tmp_path):
+    u, i, t, r = _synthetic(seed=2)
+    pq.write_table(pa.table({"user_id": u, "item_id": i, "timestamp": t}), str(tmp_path / "a.parquet"))
+    pq.write_table(_items_table(), str(tmp_path / "items.parquet"))
+    cfg = DataConfig(path=str(tmp_path), items_path=str(tmp_path / "items.parquet"), min_len=3,
+                     cache_dir=str(tmp_path / "cache"))
+    got = load_sequences(cfg)
+    assert got.format == "interactions" and got.item_values.size == u.size
+
+
+def test_bench_byod_runs_at_a_tiny_size(tmp_path):
+    import os
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
+    from benchmarks.bench_byod import generate, run_prepare
+
+    path, items = str(tmp_path / "x.parquet"), str(tmp_path / "items.parquet")
+    assert generate(path, items, users=300, per_user=8, items=50)["rows"] == 2400
+    result = run_prepare(path, items, str(tmp_path / "cache"))
+    assert result["stats"]["users"] == 300 and result["stats"]["interactions"] == 2400
+    assert 0 < result["peak_rss_gib"] < 2

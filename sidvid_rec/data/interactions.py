@@ -105,7 +105,10 @@ def input_files(path: str, what: str = "data.path") -> List[str]:
 def source_files(cfg: DataConfig, path: str) -> Tuple[List[str], List[str]]:
     """(interaction files, item-table files) of ``cfg`` (the item list is empty without ``items_path``)."""
     items = input_files(storage.expand(cfg.items_path), "data.items_path") if cfg.items_path else []
-    return input_files(path), items
+    files = [f for f in input_files(path) if f not in items]  # an item table inside the data directory
+    if not files:
+        raise DataError(f"data.path {path} holds no interaction file besides the item table")
+    return files, items
 
 
 def fingerprint_extra(cfg: DataConfig, num_interaction_files: int) -> str:
