@@ -99,7 +99,14 @@ def test_users_file_and_bad_input(exported, tmp_path, capsys):
     assert "--decoder applies to COBRA exports" in error(_args(exported["out"], bad, "--decoder", "beam"))
     assert "data.* overrides only" in error(_args(exported["out"], bad, "train.epochs=2"))
     assert "must be positive" in error(_args(exported["out"], bad, "--batch-size", "0"))
+    users.write_text("\n\n")
+    assert "holds no user ids" in error(_args(exported["out"], bad, "--users", str(users)))
     assert sorted(os.listdir(tmp_path)) == ["some.jsonl", "users.txt"]  # nothing half-written
+    foreign = tmp_path / ".bad.jsonl.parts"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert "was not written by `recommend`" in error(_args(exported["out"], bad))
+    assert (foreign / "notes.txt").read_text() == "mine" and not bad.exists()
 
 
 def _dead_pid():
