@@ -173,10 +173,15 @@ class RecommendJob:
     # -- computing
 
     def rows(self, users: np.ndarray) -> List[Dict[str, Any]]:
-        """The output rows of ``users`` (indices into the data's users), in batches."""
-        rows: List[Dict[str, Any]] = []
+        """The output rows of ``users`` (indices into the data's users, in that order), in batches
+        of users of similar history length (a batch's search over-fetches K + its longest history)."""
+        lengths = self.data.offsets[users + 1] - self.data.offsets[users]
+        order = np.argsort(lengths, kind="stable")
+        rows: List[Dict[str, Any]] = [{} for _ in range(users.size)]
         for lo in range(0, users.size, self.batch_size):
-            rows += self._batch_rows(users[lo:lo + self.batch_size])
+            picked = order[lo:lo + self.batch_size]
+            for j, row in zip(picked, self._batch_rows(users[picked])):
+                rows[j] = row
         return rows
 
     def _batch_rows(self, users: np.ndarray) -> List[Dict[str, Any]]:
