@@ -45,6 +45,22 @@ class DataConfig:
     """Users with fewer interactions are dropped (and counted in the stats)."""
     cache_dir: str = "~/.cache/sidvid_rec"
     """Where preprocessed sequences are cached (keyed by a fingerprint of the input files)."""
+    user_col: str = "user_id"
+    """``interactions`` format: column of the user ids (integers)."""
+    item_col: str = "item_id"
+    """``interactions`` format: column of the item ids (integers), in ``path`` and ``items_path``."""
+    time_col: str = "timestamp"
+    """``interactions`` format: column of the times (integer seconds, or a Parquet timestamp)."""
+    rating_col: str = "rating"
+    """``interactions`` format: optional rating column (used when present; otherwise every rating is 1)."""
+    items_path: str = ""
+    """``interactions`` format: optional Parquet/CSV item table (``item_col`` + ``text_cols``) giving the
+    item texts; empty = no item table (each item's text is ``item <id>``, enough for ``model.mode=id``)."""
+    text_cols: List[str] = field(default_factory=lambda: ["title", "genres"])
+    """``interactions`` format: item-table columns forming an item's text: ``<first>. <Col>: <value>. ...``
+    (empty values skipped); the ``title`` column (else the first one) is the item's title."""
+    read_batch_rows: int = 250_000
+    """``interactions`` format: rows read per batch (bounds the reader's working memory)."""
 
 
 @dataclass
@@ -429,6 +445,7 @@ _SEED = Range(ge=0, le=SEED_MAX)
 _RANGES: Dict[str, Range] = {
     "data.max_len": _POSITIVE,
     "data.min_len": Range(ge=3, why="train, valid and test items"),
+    "data.read_batch_rows": _POSITIVE,
     "sids.text_batch_size": _POSITIVE,
     "sids.max_tokens": _POSITIVE,
     "sids.tfidf_dim": _POSITIVE,

@@ -8,8 +8,13 @@ Nothing here imports torch: the module is read by the cheap CLI start-up path to
 
 from typing import Literal
 
-DataFormat = Literal["auto", "ml-100k", "ml-1m", "ml-20m", "ml-latest", "amazon"]
-"""Input file format (``auto``: detected from the file names)."""
+DataFormat = Literal["auto", "ml-100k", "ml-1m", "ml-20m", "ml-latest", "amazon", "interactions"]
+"""Input file format (``auto``: detected from the file names; ``interactions``: your own Parquet/CSV
+table of user id, item id, timestamp, see ``data.user_col`` ...)."""
+InteractionsFile = Literal[".parquet", ".csv"]
+"""File name endings of the ``interactions`` format (and of ``data convert --out``)."""
+RecommendOutput = Literal[".parquet", ".jsonl"]
+"""File name endings ``sidvid-rec recommend --out`` writes."""
 SplitProtocol = Literal["loo", "gr"]
 """``loo``: leave-one-out with a validation split; ``gr``: generative-recommenders (no validation)."""
 ModelMode = Literal["id", "sid", "sid_id", "cobra", "sid_gen"]

@@ -1,4 +1,13 @@
-"""``sidvid-rec data stats|prepare``: inspect a data set and write its preprocessed cache."""
+"""``sidvid-rec data stats|prepare|convert``: inspect a data set, write its preprocessed cache, or
+write a built-in data set (MovieLens, Amazon) as an ``interactions`` table plus its item table.
+
+``data convert [PATH] [--format F] --out FILE.parquet|FILE.csv [--items-out FILE]``: the
+interactions (``data.user_col``, ``data.item_col``, ``data.time_col``, ``rating``) in the
+reader's row order, and the items (``data.item_col``, ``title``, ``text``; default
+``<FILE stem>.items.<ext>``), each written atomically. Prints a JSON summary with the overrides
+that read the result back (``data.format=interactions data.path=... data.items_path=...
+data.text_cols=[text]``).
+"""
 
 import argparse
 import json
@@ -22,6 +31,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("--format", default=None, help="data format (default: auto-detect)")
     add_config_args(prepare)
     prepare.set_defaults(func=run_prepare)
+
+    convert = commands.add_parser("convert", help="write a built-in data set as an interactions table "
+                                                  "(Parquet or CSV) plus an item table")
+    convert.add_argument("path", nargs="?", default=None, help="data directory (default: data.path of the config)")
+    convert.add_argument("--format", default=None, help="data format (default: auto-detect)")
+    convert.add_argument("--out", required=True, help="interactions file to write: .parquet or .csv")
+    convert.add_argument("--items-out", default=None,
+                         help="item table to write (default: <out stem>.items.<out extension>)")
+    add_config_args(convert)
+    convert.set_defaults(func=run_convert)
 
 
 def _data_config(args: argparse.Namespace):
@@ -47,4 +66,27 @@ def run_prepare(args: argparse.Namespace) -> int:
     cfg = _data_config(args)
     data = load_sequences(cfg, use_cache=False)
     print(json.dumps({"cache": cache_path(cfg), **data.stats()}))
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    import os
+
+    from sidvid_rec import storage
+    from sidvid_rec.data import interactions, readers
+    from sidvid_rec.data.sequences import resolve_data_path
+    from sidvid_rec.errors import DataError
+
+    cfg = _data_config(args)
+    out = storage.expand(args.out)
+    if not out.lower().endswith(readers.INTERACTIONS_SUFFIXES):
+        raise DataError(f"--out {args.out}: the output must end in .parquet or .csv")
+    stem, ext = os.path.splitext(out)
+    items_out = storage.expand(args.items_out) if args.items_out else f"{stem}.items{ext}"
+    path = resolve_data_path(cfg)
+    fmt = readers.detect_format(path) if cfg.format == "auto" else readers.canonical_format(cfg.format)
+    if fmt == readers.INTERACTIONS:
+        raise DataError(f"{path} is already in the interactions format; convert reads a built-in format "
+                        f"({', '.join(readers.FORMAT_FILES)})")
+    print(json.dumps(interactions.write_tables(readers.read(path, fmt), out, items_out, cfg)))
     return 0

@@ -28,6 +28,11 @@ FORMAT_FILES: Dict[str, Tuple[str, ...]] = {
     "amazon": ("sequential.txt", "items.jsonl"),
 }
 FORMAT_ALIASES = {"ml-20m": "ml-latest", "ml-10m": "ml-1m"}
+INTERACTIONS = "interactions"
+"""Your own table(s) of (user, item, time): read by :mod:`sidvid_rec.data.interactions`."""
+INTERACTIONS_SUFFIXES = (".parquet", ".csv")
+KNOWN_FORMATS = (*FORMAT_FILES, INTERACTIONS)
+"""Every canonical format a data cache may hold."""
 ML100K_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
     "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
@@ -58,13 +63,18 @@ def detect_format(path: str) -> str:
     if not storage.exists(path):
         raise DataError(f"data path does not exist: {path}")
     if not storage.isdir(path):
-        raise DataError(f"data path is not a directory: {path}")
+        if path.lower().endswith(INTERACTIONS_SUFFIXES):
+            return INTERACTIONS
+        raise DataError(f"data path is not a directory nor a .parquet/.csv file: {path}")
     names = set(storage.ls(path))
     for fmt, files in FORMAT_FILES.items():
         if all(f in names for f in files):
             return fmt
+    if any(n.lower().endswith(INTERACTIONS_SUFFIXES) and not n.startswith(".") for n in names):
+        return INTERACTIONS
     known = "; ".join(f"{fmt}: {', '.join(files)}" for fmt, files in FORMAT_FILES.items())
-    raise DataError(f"cannot detect the data format of {path}: expected one of [{known}]")
+    raise DataError(f"cannot detect the data format of {path}: expected one of [{known}; "
+                    f"{INTERACTIONS}: .parquet/.csv files]")
 
 
 def canonical_format(fmt: str) -> str:
@@ -149,41 +159,42 @@ _NON_NUMERIC = "{path}: non-numeric {column} {value} in data row {row}"
 _OUT_OF_RANGE = "{path}: {column} {value} in data row {row} is out of the int64 range"
 
 
-def _first_bad(df: pd.DataFrame, column: str, path: str, bad: np.ndarray, message: str) -> None:
-    """Raises a DataError naming the first row where ``bad [rows]`` is set, if any."""
+def _first_bad(df: pd.DataFrame, column: str, path: str, bad: np.ndarray, message: str, row0: int = 0) -> None:
+    """Raises a DataError naming the first row where ``bad [rows]`` is set, if any (``row0``: rows
+    before ``df`` in its file, for readers that parse a file in batches)."""
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise DataError(message.format(path=path, column=column, value=repr(df[column].iloc[row]), row=row + 1))
+        raise DataError(message.format(path=path, column=column, value=repr(df[column].iloc[row]), row=row0 + row + 1))
 
 
-def _to_int(df: pd.DataFrame, column: str, path: str) -> np.ndarray:
+def _to_int(df: pd.DataFrame, column: str, path: str, row0: int = 0) -> np.ndarray:
     """``df[column]`` as int64 ``[rows]``; a value that is not an integer within int64 is refused.
 
     pandas gives int64 when every value fits, uint64 for values past int64 and float64 for
     decimals, exponents and values past uint64: each is checked here, before the cast wraps it.
     """
     values = pd.to_numeric(df[column], errors="coerce")
-    _first_bad(df, column, path, values.isna().to_numpy(), _NON_NUMERIC)
+    _first_bad(df, column, path, values.isna().to_numpy(), _NON_NUMERIC, row0)
     array = values.to_numpy()
     if array.dtype.kind == "u":
-        _first_bad(df, column, path, array > INT64_MAX, _OUT_OF_RANGE)
+        _first_bad(df, column, path, array > INT64_MAX, _OUT_OF_RANGE, row0)
     elif array.dtype.kind == "f":
-        _first_bad(df, column, path, ~(np.abs(array) < 2.0**63), _OUT_OF_RANGE)
+        _first_bad(df, column, path, ~(np.abs(array) < 2.0**63), _OUT_OF_RANGE, row0)
         _first_bad(df, column, path, array != np.round(array),
-                   "{path}: {column} {value} in data row {row} is not an integer")
+                   "{path}: {column} {value} in data row {row} is not an integer", row0)
         # A float holds integers exactly only below 2**53; larger ones would be silently rounded.
         _first_bad(df, column, path, np.abs(array) >= 2.0**53,
-                   "{path}: {column} {value} in data row {row} is too large to read exactly in a column with decimals")
+                   "{path}: {column} {value} in data row {row} is too large to read exactly in a column with decimals", row0)
     return array.astype(np.int64)
 
 
-def _to_float(df: pd.DataFrame, column: str, path: str) -> np.ndarray:
+def _to_float(df: pd.DataFrame, column: str, path: str, row0: int = 0) -> np.ndarray:
     values = pd.to_numeric(df[column], errors="coerce")
-    _first_bad(df, column, path, values.isna().to_numpy(), _NON_NUMERIC)
+    _first_bad(df, column, path, values.isna().to_numpy(), _NON_NUMERIC, row0)
     with np.errstate(over="ignore"):  # overflow to inf is reported just below
         array = values.to_numpy().astype(np.float32)
     _first_bad(df, column, path, ~np.isfinite(array),
-               "{path}: {column} {value} in data row {row} is not a finite number")
+               "{path}: {column} {value} in data row {row} is not a finite number", row0)
     return array
 
 

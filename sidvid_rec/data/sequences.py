@@ -18,7 +18,7 @@ import numpy as np
 
 from sidvid_rec import storage
 from sidvid_rec.config import DataConfig
-from sidvid_rec.data import readers
+from sidvid_rec.data import interactions, readers
 from sidvid_rec.errors import DataError
 
 CACHE_VERSION = 1
@@ -99,7 +99,7 @@ def build_sequences(raw: readers.RawInteractions, min_len: int, fingerprint: str
         timestamps=timestamps.astype(np.int64),
         ratings=ratings.astype(np.float32),
         offsets=offsets,
-        user_raw_ids=user_raw_ids.astype(np.int64),
+        user_raw_ids=user_raw_ids[keep_user].astype(np.int64),  # aligned with offsets: kept users only
         item_raw_ids=np.concatenate([[-1], item_raw_ids]).astype(np.int64),
         item_title=titles,
         item_text=texts,
@@ -117,23 +117,36 @@ def resolve_data_path(cfg: DataConfig) -> str:
     return storage.expand(cfg.path) if cfg.path else DEFAULT_DATA_DIR
 
 
-def fingerprint(path: str, fmt: str, min_len: int, memo_dir: Optional[str] = None) -> str:
+def fingerprint(path: str, fmt: str, min_len: int, memo_dir: Optional[str] = None,
+                cfg: Optional[DataConfig] = None) -> str:
     """sha256 over the format, ``min_len`` and the bytes of the files the format reads.
 
     It depends on the content only (not on the path); ``memo_dir`` (a ``data.cache_dir``) lets
     it reuse file digests memoised there (see :func:`_file_sha256`); the value is the same.
+    The ``interactions`` format also hashes the column settings of ``cfg`` (its item table too).
     """
-    return _fingerprint(path, fmt, min_len, memo_dir)[0]
+    return _fingerprint(path, fmt, min_len, memo_dir, cfg)[0]
 
 
 # Memo entries to write once a load has succeeded: (memo file, entry).
 _Memo = Tuple[str, Dict[str, object]]
 
 
-def _fingerprint(path: str, fmt: str, min_len: int, memo_dir: Optional[str]) -> Tuple[str, List[_Memo]]:
-    digest = hashlib.sha256(f"v{CACHE_VERSION}|{fmt}|{min_len}".encode())
+def _source_files(path: str, fmt: str, cfg: Optional[DataConfig]) -> Tuple[List[str], str]:
+    """The files the format reads and what else shapes the sequences (hashed together)."""
+    if fmt != readers.INTERACTIONS:
+        return readers.check_input_files(path, fmt), ""
+    cfg = cfg if cfg is not None else DataConfig(path=path, format=readers.INTERACTIONS)
+    files, item_files = interactions.source_files(cfg, path)
+    return files + item_files, interactions.fingerprint_extra(cfg, len(files))
+
+
+def _fingerprint(path: str, fmt: str, min_len: int, memo_dir: Optional[str],
+                 cfg: Optional[DataConfig] = None) -> Tuple[str, List[_Memo]]:
+    files, extra = _source_files(path, fmt, cfg)
+    digest = hashlib.sha256(f"v{CACHE_VERSION}|{fmt}|{min_len}{extra}".encode())
     memos: List[_Memo] = []
-    for f in readers.check_input_files(path, fmt):
+    for f in files:
         file_digest, memo = _file_sha256(f, memo_dir)
         digest.update(file_digest.encode())
         if memo is not None:
@@ -262,7 +275,7 @@ def _cache_problem(arrays: Dict[str, np.ndarray], meta: object, fp: str) -> Opti
     for key, kind in _CACHE_META.items():
         if type(meta[key]) is not kind:  # exact: a bool is not an int here
             return f"items.json {key} is {type(meta[key]).__name__}"
-    if meta["version"] != CACHE_VERSION or meta["fingerprint"] != fp or meta["format"] not in readers.FORMAT_FILES:
+    if meta["version"] != CACHE_VERSION or meta["fingerprint"] != fp or meta["format"] not in readers.KNOWN_FORMATS:
         return "items.json names another version, fingerprint or format"
     offsets, values, n = arrays["offsets"], arrays["item_values"], arrays["item_raw_ids"].size - 1
     t = values.size
@@ -282,13 +295,16 @@ def load_sequences(cfg: DataConfig, use_cache: bool = True, write_cache: bool = 
     """Reads (or loads from the cache) the configured data set as jagged user sequences."""
     path = resolve_data_path(cfg)
     fmt = readers.detect_format(path) if cfg.format == "auto" else readers.canonical_format(cfg.format)
-    if fmt not in readers.FORMAT_FILES:
+    if fmt not in readers.KNOWN_FORMATS:
         raise DataError(f"unknown data format {cfg.format!r}")
-    fp, memos = _fingerprint(path, fmt, cfg.min_len, storage.expand_setting(cfg.cache_dir, "data.cache_dir"))
+    fp, memos = _fingerprint(path, fmt, cfg.min_len, storage.expand_setting(cfg.cache_dir, "data.cache_dir"), cfg)
     cache = _cache_dir(cfg, fp)
     data = _load_cache(cache, fp) if use_cache and storage.exists(cache) else None
     if data is None:
-        data = build_sequences(readers.read(path, fmt), cfg.min_len, fp)
+        if fmt == readers.INTERACTIONS:  # streamed in batches: never a whole file in memory
+            data = interactions.build(cfg, path, fp)
+        else:
+            data = build_sequences(readers.read(path, fmt), cfg.min_len, fp)
         if write_cache:
             _save_cache(data, cache)
     if write_cache:  # only after success: a failed read leaves nothing on disk
@@ -301,7 +317,7 @@ def cache_path(cfg: DataConfig) -> str:
     path = resolve_data_path(cfg)
     fmt = readers.detect_format(path) if cfg.format == "auto" else readers.canonical_format(cfg.format)
     memo_dir = storage.expand_setting(cfg.cache_dir, "data.cache_dir")
-    return _cache_dir(cfg, fingerprint(path, fmt, cfg.min_len, memo_dir))
+    return _cache_dir(cfg, fingerprint(path, fmt, cfg.min_len, memo_dir, cfg))
 
 
 # ----------------------------------------------------------------------------- splits

@@ -25,17 +25,18 @@ Example::
 
 import json
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from sidvid_rec import storage
 from sidvid_rec.errors import ArtifactError, ConfigError, DataError
-from sidvid_rec.export.cobra import CobraRetriever, HistoryBatch, load_cobra
+from sidvid_rec.export.cobra import CobraRetriever, HistoryBatch, keep_recent, load_cobra
 from sidvid_rec.export.sid_gen import SidGenRetriever, load_sid_gen
 from sidvid_rec.export.format import DENSE, INDEX, ITEM_VECTORS, ITEMS, check_mode, read_manifest, read_verified
 from sidvid_rec.modules.hstu import HSTUEncoder, HSTUParams
+from sidvid_rec.ops import jagged
 from sidvid_rec.retrieval.faiss_index import VidIndex
 from sidvid_rec.types import MISSING_ID, decodes, generates_sids
 
@@ -178,6 +179,39 @@ class ExportedModel:
         keep = [(int(i), float(s)) for i, s in zip(ids, scores) if int(i) != MISSING_ID]
         items = [{"item_id": self.raw_ids[i], "title": self.titles[i], "score": round(s, 6)} for i, s in keep]
         return Retrieved(np.array([i for i, _ in keep], dtype=np.int64), items)
+
+    @torch.no_grad()
+    def top_k_batch(self, item_ids: torch.Tensor, timestamps: torch.Tensor, offsets: torch.Tensor, k: int,
+                    query_times: Optional[torch.Tensor] = None,
+                    decoder: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` after each of ``B`` histories at once: ``(ids [B, k], scores [B, k])``, internal ids.
+
+        ``item_ids [S]`` (internal ids 1..N, oldest first), ``timestamps [S]`` and ``offsets [B+1]``
+        are jagged; every history needs at least one item. ``query_times [B]`` defaults to each
+        history's last time. What :meth:`retrieve` computes for each history (the same encoder
+        input, history filter and decoder), batched; missing slots are ``MISSING_ID``.
+        """
+        if k <= 0:
+            raise DataError(f"--k must be positive, got {k}")
+        if decoder is not None and self.cobra is None:
+            raise ConfigError(f"--decoder applies to COBRA exports; this export is mode {self.mode}")
+        k = min(k, self.num_items)
+        if query_times is None:
+            query_times = timestamps[offsets[1:] - 1]
+        if self.cobra is not None:
+            top = self.cobra.top_k(HistoryBatch(item_ids, timestamps, offsets, query_times), k, decoder)
+            return top.items, top.scores
+        if self.sid_gen is not None:
+            top = self.sid_gen.top_k(HistoryBatch(item_ids, timestamps, offsets, query_times), k)
+            return top.items, top.scores
+        keep = keep_recent(offsets, self.encoder.max_len)
+        recent = jagged.lengths_to_offsets(jagged.offsets_to_lengths(offsets).clamp(max=self.encoder.max_len))
+        q = self.encoder.last_states(self.item_vectors[item_ids[keep]], recent, timestamps[keep], query_times)
+        if self.filter_history:
+            hits = self.index.search_excluding(q, k, item_ids, offsets)
+        else:
+            hits = self.index.search_excluding(q, k, torch.empty(0, dtype=torch.long), None)
+        return hits.ids, hits.scores
 
 
 def load_export(directory: str) -> ExportedModel:

@@ -13,6 +13,7 @@ Example::
     model = load_export("runs/demo/export")   # sidvid_rec.export.serving
 """
 
+import dataclasses
 import json
 import os
 from typing import Any, Dict, Sequence
@@ -85,6 +86,7 @@ def _manifest(cfg: Config, data: SequenceData, record: ckpt.CheckpointRecord, ru
         "model": {"mode": m.mode, "dim": m.dim, "fusion": m.fusion, "sid_table_size": m.sid_table_size},
         "encoder": encoder.inference_dict(),
         "num_items": data.num_items, "data_fingerprint": data.fingerprint, "data_format": data.format,
+        "data": data_section(cfg),
         "ids": "retrieve takes and prints the data set's raw item ids (items.json raw_ids); tensors are "
                "indexed by internal ids 1..N (row 0 = padding)",
         "filter_history": cfg.eval.filter_history,
@@ -93,6 +95,15 @@ def _manifest(cfg: Config, data: SequenceData, record: ckpt.CheckpointRecord, ru
                   "ef_search": cfg.retrieval.ef_search, "nprobe": cfg.retrieval.nprobe},
         "metrics": storage.read_json(metrics_path) if storage.exists(metrics_path) else None,
     }
+
+
+def data_section(cfg: Config) -> Dict[str, Any]:
+    """The manifest's ``data`` section: the run's ``data`` config with its paths made absolute, so
+    that ``sidvid-rec recommend`` reads the histories of the data set the run was trained on."""
+    section = dataclasses.asdict(cfg.data)
+    for key in ("path", "items_path"):
+        section[key] = storage.expand(section[key]) if section[key] else ""
+    return section
 
 
 def _cobra_section(cfg: Config, module: torch.nn.Module) -> Dict[str, Any]:
