@@ -116,6 +116,18 @@ def read_verified(directory: str, expected: Dict[str, str], what: str,
     return blobs
 
 
+def check_new_file(out: str, overwrite: bool) -> None:
+    """Raises :class:`UserError` unless ``out`` may be written as one file: absent, or a regular
+    file with ``overwrite`` (``--overwrite``). A single output file carries no manifest that
+    could prove who wrote it, so an existing one is replaced only when the user says so."""
+    if not storage.exists(out):
+        return
+    if storage.isdir(out):
+        raise UserError(f"refusing to write {out}: it is a directory (name a file)")
+    if not overwrite:
+        raise UserError(f"refusing to replace {out}: it exists (pass --overwrite to replace it)")
+
+
 def check_replaceable(out: str, fmt: str) -> None:
     """Raises :class:`UserError` unless ``out`` is absent, an empty directory or an earlier
     artifact of format ``fmt`` (whose ``manifest.json`` says so): writing replaces it whole."""

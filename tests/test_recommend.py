@@ -141,7 +141,9 @@ def test_resume_after_a_kill_gives_the_same_output(exported, tmp_path):
     other = make_job(exported["out"], "all", 5, str(out), batch_size=64, chunk_users=100, progress=False)
     other.open_parts()
     other.write_part(0)
-    assert main(_args(exported["out"], out, "--chunk-users", "100")) == 0
+    # The finished output exists: replacing a file needs --overwrite (no manifest proves its writer).
+    assert main(_args(exported["out"], out, "--chunk-users", "100")) == 2
+    assert main(_args(exported["out"], out, "--chunk-users", "100", "--overwrite")) == 0
     assert out.read_bytes() == fresh.read_bytes()
 
 

@@ -37,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("path", nargs="?", default=None, help="data directory (default: data.path of the config)")
     convert.add_argument("--format", default=None, help="data format (default: auto-detect)")
     convert.add_argument("--out", required=True, help="interactions file to write: .parquet or .csv")
+    convert.add_argument("--overwrite", action="store_true", help="replace existing output files")
     convert.add_argument("--items-out", default=None,
                          help="item table to write (default: <out stem>.items.<out extension>)")
     add_config_args(convert)
@@ -73,6 +74,7 @@ def run_convert(args: argparse.Namespace) -> int:
     import os
 
     from sidvid_rec import storage
+    from sidvid_rec.artifacts import check_new_file
     from sidvid_rec.data import interactions, readers
     from sidvid_rec.data.sequences import resolve_data_path
     from sidvid_rec.errors import DataError
@@ -83,6 +85,8 @@ def run_convert(args: argparse.Namespace) -> int:
         raise DataError(f"--out {args.out}: the output must end in .parquet or .csv")
     stem, ext = os.path.splitext(out)
     items_out = storage.expand(args.items_out) if args.items_out else f"{stem}.items{ext}"
+    for target in (out, items_out):
+        check_new_file(target, args.overwrite)
     path = resolve_data_path(cfg)
     fmt = readers.detect_format(path) if cfg.format == "auto" else readers.canonical_format(cfg.format)
     if fmt == readers.INTERACTIONS:

@@ -29,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="users per resumable part (default 10000)")
     parser.add_argument("--decoder", choices=get_args(DecoderKind), default=None,
                         help="COBRA decoder (default: the run's eval.decoder)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument("overrides", nargs="*", metavar="data.key=value",
                         help="data.* overrides of the run's recorded data config (e.g. data.path=...)")
@@ -36,9 +37,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_recommend(args: argparse.Namespace) -> int:
+    from sidvid_rec import storage
+    from sidvid_rec.artifacts import check_new_file
     from sidvid_rec.export.recommend import make_job, output_kind  # here: `sidvid-rec --help` must not load torch
 
     output_kind(args.out)  # a bad extension is refused before anything is loaded
+    check_new_file(storage.expand(args.out), args.overwrite)
     job = make_job(args.export_dir, args.users, args.k, args.out, args.batch_size, args.chunk_users,
                    args.decoder, args.overrides, progress=not args.no_progress)
     print(json.dumps(job.run()))
