@@ -24,6 +24,7 @@ _COMMAND_MODULES = (
     "sidvid_rec.cli.train_cmd",
     "sidvid_rec.cli.evaluate_cmd",
     "sidvid_rec.cli.export_cmd",
+    "sidvid_rec.cli.serve_cmd",
     "sidvid_rec.cli.pipeline_cmd",
 )
 

@@ -31,7 +31,7 @@ import torch
 
 from sidvid_rec import storage
 from sidvid_rec.errors import ArtifactError, ConfigError, DataError
-from sidvid_rec.export.cobra import CobraRetriever, HistoryBatch, load_cobra
+from sidvid_rec.export.cobra import CobraRetriever, HistoryBatch, keep_recent, load_cobra
 from sidvid_rec.export.format import DENSE, INDEX, ITEM_VECTORS, ITEMS, check_mode, read_manifest, read_verified
 from sidvid_rec.modules.hstu import HSTUEncoder, HSTUParams
 from sidvid_rec.retrieval.faiss_index import VidIndex
@@ -122,6 +122,10 @@ class ExportedModel:
             out.append(internal)
         return out
 
+    def unknown(self, raw_ids: Sequence[Any]) -> List[Any]:
+        """The raw ids of ``raw_ids`` that are not in this export's catalogue, in order."""
+        return [raw for raw in raw_ids if str(raw).strip() not in self._internal]
+
     @torch.no_grad()
     def query(self, history: Sequence[int], timestamps: Optional[Sequence[int]] = None,
               query_time: Optional[int] = None) -> torch.Tensor:
@@ -150,26 +154,78 @@ class ExportedModel:
         ``sidvid-rec evaluate`` decodes; only the most recent ``max_len`` items are encoded,
         every history item is filtered.
         """
-        if k <= 0:
-            raise DataError(f"--k must be positive, got {k}")
-        if decoder is not None and self.cobra is None:
+        query = Query(history, k, timestamps, query_time, decoder)
+        return self.retrieve_many([query], raw_ids=raw_ids)[0]
+
+    def check(self, query: "Query", raw_ids: bool = True) -> HistoryBatch:
+        """``query``'s history as internal ids in a one-history batch; a one-line UserError for an
+        empty history, an unknown id, a non-positive ``k``, timestamps of the wrong length or a
+        decoder on a non-COBRA export (what :meth:`retrieve_many` checks before any model call)."""
+        if query.k <= 0:
+            raise DataError(f"--k must be positive, got {query.k}")
+        if query.decoder is not None and self.cobra is None:
             raise ConfigError(f"--decoder applies to COBRA exports; this export is mode {self.mode}")
-        internal = self.to_internal(history) if raw_ids else [int(i) for i in history]
+        internal = self.to_internal(query.history) if raw_ids else [int(i) for i in query.history]
         bad = [i for i in internal if not 1 <= i <= self.num_items]
         if bad:
             raise DataError(f"item id {bad[0]} is outside [1, {self.num_items}]")
-        k = min(k, self.num_items)
+        return HistoryBatch.single(internal, query.timestamps, query.query_time)
+
+    @torch.no_grad()
+    def retrieve_many(self, queries: Sequence["Query"], raw_ids: bool = True) -> List[Retrieved]:
+        """:meth:`retrieve` for each query, batched: the queries are checked first (any bad one
+        raises before a model call), then each group of equal ``k`` and decoder is one encoder /
+        decoder pass over its histories together. Result ``i`` belongs to ``queries[i]``.
+        """
+        checked = [self.check(q, raw_ids) for q in queries]
+        out: List[Optional[Retrieved]] = [None] * len(queries)
+        groups: Dict[Any, List[int]] = {}
+        for i, q in enumerate(queries):
+            groups.setdefault((min(q.k, self.num_items), q.decoder), []).append(i)
+        for (k, decoder), members in groups.items():
+            batch = _concat([checked[i] for i in members])
+            ids, scores = self._top_k(batch, k, decoder)
+            for row, i in enumerate(members):
+                keep = [(int(a), float(s)) for a, s in zip(ids[row], scores[row]) if int(a) != MISSING_ID]
+                items = [{"item_id": self.raw_ids[a], "title": self.titles[a], "score": round(s, 6)} for a, s in keep]
+                out[i] = Retrieved(np.array([a for a, _ in keep], dtype=np.int64), items)
+        return out  # type: ignore[return-value]
+
+    def _top_k(self, batch: HistoryBatch, k: int, decoder: Optional[str]) -> Any:
+        """``(ids [B, k], scores [B, k])`` for the checked histories of ``batch``."""
         if self.cobra is not None:
-            top = self.cobra.top_k(HistoryBatch.single(internal, timestamps, query_time), k, decoder)
-            ids, scores = top.items[0], top.scores[0]
-        else:
-            q = self.query(internal, timestamps, query_time)[None, :]  # [1, D]
-            seen = torch.tensor(sorted(set(internal)) if self.filter_history else [], dtype=torch.long)
-            hits = self.index.search_excluding(q, k, seen, torch.tensor([0, seen.numel()]))
-            ids, scores = hits.ids[0], hits.scores[0]
-        keep = [(int(i), float(s)) for i, s in zip(ids, scores) if int(i) != MISSING_ID]
-        items = [{"item_id": self.raw_ids[i], "title": self.titles[i], "score": round(s, 6)} for i, s in keep]
-        return Retrieved(np.array([i for i, _ in keep], dtype=np.int64), items)
+            top = self.cobra.top_k(batch, k, decoder)
+            return top.items, top.scores
+        keep = keep_recent(batch.offsets, self.encoder.max_len)
+        ids, times = batch.item_ids[keep], batch.timestamps[keep]
+        lengths = torch.minimum(batch.offsets[1:] - batch.offsets[:-1], torch.tensor(self.encoder.max_len))
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        states = self.encoder.last_states(self.item_vectors[ids], offsets, times, batch.query_times)  # [B, D]
+        seen_rows = [sorted(set(batch.item_ids[a:b].tolist())) if self.filter_history else []
+                     for a, b in zip(batch.offsets[:-1].tolist(), batch.offsets[1:].tolist())]
+        seen = torch.tensor([i for row in seen_rows for i in row], dtype=torch.long)
+        seen_offsets = torch.tensor([0] + np.cumsum([len(row) for row in seen_rows]).tolist(), dtype=torch.long)
+        hits = self.index.search_excluding(states, k, seen, seen_offsets)
+        return hits.ids, hits.scores
+
+
+@dataclass
+class Query:
+    """One retrieval request of :meth:`ExportedModel.retrieve_many` (arguments as :meth:`~ExportedModel.retrieve`'s)."""
+
+    history: Sequence[Any]
+    k: int = 10
+    timestamps: Optional[Sequence[int]] = None
+    query_time: Optional[int] = None
+    decoder: Optional[str] = None
+
+
+def _concat(batches: Sequence[HistoryBatch]) -> HistoryBatch:
+    """One jagged batch of several one-history batches, in order."""
+    lengths = torch.tensor([b.item_ids.numel() for b in batches], dtype=torch.long)
+    return HistoryBatch(torch.cat([b.item_ids for b in batches]), torch.cat([b.timestamps for b in batches]),
+                        torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
+                        torch.cat([b.query_times for b in batches]))
 
 
 def load_export(directory: str) -> ExportedModel:
