@@ -65,6 +65,15 @@ class Server:
         self.info = json.loads(line)
         self.url = self.info["serving"]
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (Linux /proc)."""
+        try:
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return float("nan")
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -123,7 +132,7 @@ def percentile(values: List[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, int(round(q / 100 * len(ordered) + 0.5)) - 1))]
 
 
-async def load(url: str, requests: List[Tuple[str, bytes, int]], clients: int) -> Dict[str, Any]:
+async def load(server: "Server", requests: List[Tuple[str, bytes, int]], clients: int) -> Dict[str, Any]:
     import httpx
 
     queue: "asyncio.Queue[Tuple[str, bytes, int]]" = asyncio.Queue()
@@ -151,11 +160,12 @@ async def load(url: str, requests: List[Tuple[str, bytes, int]], clients: int) -
                 failures.append(f"{kind}: no error message")
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
+    async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as http:
         before = (await http.get("/metrics")).json()
-        start = time.perf_counter()
+        start, server_cpu, client_cpu = time.perf_counter(), server.cpu_seconds(), time.process_time()
         await asyncio.gather(*[client(http) for _ in range(clients)])
         wall = time.perf_counter() - start
+        server_cpu, client_cpu = server.cpu_seconds() - server_cpu, time.process_time() - client_cpu
         after = (await http.get("/metrics")).json()
     every = latencies["ok"] + latencies["bad"]
     batches = after["batches"] - before["batches"]
@@ -167,18 +177,22 @@ async def load(url: str, requests: List[Tuple[str, bytes, int]], clients: int) -
         "ok_p50_ms": round(1000 * percentile(latencies["ok"], 50), 2),
         "ok_p99_ms": round(1000 * percentile(latencies["ok"], 99), 2),
         "batches": batches, "mean_batch": round(answered / batches, 2) if batches else 0.0,
-        "largest_batch": after["largest_batch"], "rejected": after["rejected"] - before["rejected"],
+        "largest_batch": after["largest_batch"],
+        "model_busy": round((after["model_seconds"] - before["model_seconds"]) / wall, 3),
+        "server_cpu_per_request_ms": round(1000 * server_cpu / len(requests), 2),
+        "client_cpu_per_request_ms": round(1000 * client_cpu / len(requests), 2), "rejected": after["rejected"] - before["rejected"],
         "failures": len(failures), "failure_examples": failures[:5],
     }
 
 
 def markdown(rows: List[Dict[str, Any]]) -> str:
     lines = ["| clients | requests (malformed) | requests/s | p50 ms | p99 ms | well-formed p50 / p99 ms | "
-             "model calls | mean batch | wrong answers |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "model calls | mean batch | model thread busy | CPU ms/request server / client | wrong answers |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['clients']} | {r['requests']} ({r['malformed']}) | {r['requests_per_s']} | {r['p50_ms']} | "
                      f"{r['p99_ms']} | {r['ok_p50_ms']} / {r['ok_p99_ms']} | {r['batches']} | {r['mean_batch']} | "
+                     f"{100 * r['model_busy']:.0f}% | {r['server_cpu_per_request_ms']} / {r['client_cpu_per_request_ms']} | "
                      f"{r['failures']} |")
     return "\n".join(lines)
 
@@ -205,7 +219,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             for clients in [int(c) for c in args.clients.split(",")]:
                 requests = make_requests(raw_ids, args.requests, args.malformed, args.max_body_bytes, seed=clients)
-                rows.append(asyncio.run(load(server.url, requests, clients)))
+                rows.append(asyncio.run(load(server, requests, clients)))
                 print(json.dumps(rows[-1]), flush=True)
         finally:
             server.stop()

@@ -156,7 +156,7 @@ def test_malformed_requests_get_their_4xx(server, export_dir):
             err = r.json()
             assert message in err["error"] and "\n" not in err["error"], (body, err)
         r = client.post("/recommend", content=b'{"history": [1, 2', headers={"content-type": "application/json"})
-        assert r.status_code == 422 and "JSON decode error" in r.json()["error"], r.text
+        assert r.status_code == 422 and r.json()["error"].startswith("body (character 17): JSON decode error"), r.text
         r = client.post("/recommend", content=json.dumps({"history": raw[:3] * 200_000}), headers={"content-type": "application/json"})
         assert r.status_code == 413 and "larger than 1048576 bytes" in r.json()["error"], r.text
 
@@ -209,6 +209,21 @@ def test_tampered_export_is_refused_at_start(export_dir, tmp_path):
     err = _refused(_serve_cmd(tampered))
     assert err.startswith("sidvid-rec serve: error:") and "item_vectors.safetensors does not match its sha256" in err
     assert "not an export directory" in _refused(_serve_cmd(tmp_path))
+    assert "--max-batch must be at least 1, got 0" in _refused(_serve_cmd(export_dir, "--max-batch", "0"))
+
+
+def test_the_listening_socket_is_tcp_nodelay_capable():
+    """asyncio sets TCP_NODELAY only on sockets created with proto IPPROTO_TCP; without it each
+    response waits ~40 ms (Nagle's algorithm against the client's delayed ACK)."""
+    import socket
+
+    from sidvid_rec.serve import _listen
+
+    sock = _listen("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()
 
 
 def test_a_taken_port_is_one_line(server, export_dir):

@@ -9,7 +9,7 @@ Endpoints:
 * ``GET /healthz`` -> ``{"ok": true, "export", "sha256" (of the manifest, which holds the sha256
   of every file), "mode", "items", "index"}``.
 * ``GET /metrics`` -> counters: ``requests`` (answered by the model), ``batches`` (model calls),
-  ``largest_batch``, ``rejected`` (4xx answers).
+  ``largest_batch``, ``model_seconds`` (time in model calls), ``rejected`` (4xx answers).
 
 Every 4xx answer is ``{"error": "one line", "detail": [...]}``: 422 for a request that does
 not fit the schema (wrong JSON types, empty history, ``k`` out of range, timestamps whose
@@ -76,7 +76,11 @@ def _error(status: int, message: str, detail: Optional[List[Any]] = None) -> JSO
     return JSONResponse({"error": " ".join(message.split()), "detail": detail or []}, status_code=status)
 
 
-def _where(loc: Any) -> str:
+def _where(error: Dict[str, Any]) -> str:
+    """``history.3`` for pydantic's ``("body", "history", 3)``; ``body (character N)`` for broken JSON."""
+    loc = list(error.get("loc", ()))
+    if error.get("type") == "json_invalid":
+        return f"body (character {loc[-1]})" if len(loc) > 1 else "body"
     parts = [str(p) for p in loc if p != "body"]
     return ".".join(parts) if parts else "body"
 
@@ -163,7 +167,7 @@ def create_app(model: ExportedModel, sha256: str, max_batch: int = 32, max_wait_
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
         stats.rejected += 1
-        errors = [{"loc": _where(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+        errors = [{"loc": _where(e), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
                   for e in exc.errors()]
         message = "; ".join(f"{e['loc']}: {e['msg']}" for e in errors[:5]) or "invalid request"
         return _error(422, message, errors)
@@ -190,12 +194,12 @@ def create_app(model: ExportedModel, sha256: str, max_batch: int = 32, max_wait_
 
     @app.get("/healthz")
     async def healthz() -> Dict[str, Any]:
-        return {"ok": True, "export": model.directory, "sha256": sha256, "mode": model.mode,
+        return {"ok": batcher.alive, "export": model.directory, "sha256": sha256, "mode": model.mode,
                 "items": model.num_items, "index": model.index.kind}
 
     @app.get("/metrics")
     async def metrics() -> Dict[str, Any]:
         return {"requests": batcher.requests, "batches": batcher.batches, "largest_batch": batcher.largest_batch,
-                "rejected": stats.rejected, "max_batch": batcher.max_batch, "max_wait_ms": max_wait_ms}
+                "model_seconds": round(batcher.model_seconds, 3), "rejected": stats.rejected, "max_batch": batcher.max_batch, "max_wait_ms": max_wait_ms}
 
     return app

@@ -9,6 +9,7 @@ queue up for the next batch.
 """
 
 import asyncio
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Generic, List, Optional, Sequence, Tuple, TypeVar
 
@@ -39,6 +40,7 @@ class Batcher(Generic[T, R]):
         self.requests = 0
         self.batches = 0
         self.largest_batch = 0
+        self.model_seconds = 0.0
 
     async def start(self) -> None:
         """Starts the collector and the worker thread (inside the serving event loop)."""
@@ -56,6 +58,11 @@ class Batcher(Generic[T, R]):
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
+    @property
+    def alive(self) -> bool:
+        """Whether the collector is running (it stops only when the server does)."""
+        return self._task is not None and not self._task.done()
+
     def run_in_worker(self, fn: Callable[[], R]) -> "asyncio.Future[R]":
         """Runs ``fn`` on the model thread (e.g. a warm-up call), between batches."""
         assert self._executor is not None, "start() first"
@@ -67,6 +74,13 @@ class Batcher(Generic[T, R]):
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         await self._queue.put((item, future))
         return await future
+
+    def _timed(self, items: List[T]) -> Sequence[Any]:
+        start = time.perf_counter()
+        try:
+            return self._fn(items)
+        finally:
+            self.model_seconds += time.perf_counter() - start
 
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
@@ -103,7 +117,7 @@ class Batcher(Generic[T, R]):
             self.requests += len(live)
             self.largest_batch = max(self.largest_batch, len(live))
             try:
-                results = await loop.run_in_executor(self._executor, self._fn, [item for item, _ in live])
+                results = await loop.run_in_executor(self._executor, self._timed, [item for item, _ in live])
             except Exception as e:  # noqa: BLE001  (delivered to every caller of the batch)
                 for _, fut in live:
                     if not fut.done():
