@@ -21,6 +21,7 @@ timestamps than items, an unknown field, broken JSON, and a body over ``--max-bo
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import select
@@ -126,10 +127,11 @@ def make_requests(raw_ids: List[Any], n: int, malformed: float, body_limit: int,
 
 
 def percentile(values: List[float], q: float) -> float:
+    """Nearest-rank percentile: the smallest value with at least ``q``% of the values at or below it."""
     if not values:
         return float("nan")
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, int(round(q / 100 * len(ordered) + 0.5)) - 1))]
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
 async def load(server: "Server", requests: List[Tuple[str, bytes, int]], clients: int) -> Dict[str, Any]:
@@ -204,7 +206,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--requests", type=int, default=10_000, help="requests per concurrency level")
     parser.add_argument("--malformed", type=float, default=0.1, help="fraction of malformed requests")
     parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--max-wait-ms", type=float, default=2.0)
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--max-body-bytes", type=int, default=65536)
     parser.add_argument("--server-threads", type=int, default=1, help="OMP_NUM_THREADS of the server")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")

@@ -105,3 +105,16 @@ def test_quick_suite_writes_every_section(tmp_path):
     pngs = sorted(p.name for p in plots.iterdir())
     assert {"scaling.png", "sids_scale.png", "retrieval.png"} <= set(pngs)
     assert all((plots / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_bench_serve_requests_mix_malformed_kinds():
+    from benchmarks.bench_serve import MALFORMED, make_requests, percentile
+
+    reqs = make_requests(list(range(1, 200)), 400, 0.1, body_limit=4096)
+    kinds = [k for k, _, _ in reqs]
+    assert len(reqs) == 400 and kinds.count("ok") == 360
+    assert set(kinds) - {"ok"} == set(MALFORMED)
+    assert all(status == (200 if k == "ok" else 413 if k == "too_large" else 422) for k, _, status in reqs)
+    assert all(len(body) > 4096 for k, body, _ in reqs if k == "too_large")
+    assert percentile([float(i) for i in range(1, 101)], 50) == 50.0
+    assert percentile([float(i) for i in range(1, 101)], 99) == 99.0
