@@ -13,7 +13,7 @@
 # directory is $SIDVID_SLURM_DIR/mysql): `torchx run -s slurm` asks `sacct` for the job's state
 # right after submitting, and `torchx status` / `sacct -j ID` answer from it.
 # Exit 3 means "cannot run Slurm here" (not root, no apt-get, install failed); the test skips then.
-set -euo pipefail
+set -Eeuo pipefail
 
 DIR="${SIDVID_SLURM_DIR:-/tmp/sidvid-slurm}"
 CONF="$DIR/slurm.conf"
@@ -178,7 +178,7 @@ start_munge() {
     cannot "munged does not answer"
 }
 
-node_state() { sinfo -h -N -n "$NODE" -o %t 2>/dev/null | head -n1; }
+node_state() { { sinfo -h -N -n "$NODE" -o %t 2>/dev/null || true; } | head -n1; }  # never fails: "" when down
 
 start() {
     [ "$(id -u)" = 0 ] || cannot "needs root (to install packages and run the daemons)"
