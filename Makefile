@@ -34,7 +34,7 @@ test: lint
 	$(PYTHON) -m pytest -q -ra tests
 
 test-fast: lint
-	$(PYTHON) -m pytest -q -ra -m "not slow" tests
+	$(PYTHON) -m pytest -q -ra -m "not slow and not slurm" tests
 
 # The layers contract of pyproject.toml: a backward import between stages fails here.
 lint:

@@ -116,3 +116,16 @@ def test_bench_decode_tiny_run_agrees():
     for name in ("cobra", "sid_gen"):
         assert out[name]["identical_lists"] == 1.0 and out[name]["max_score_diff"] < 1e-4
     assert len(out["invalid_prefix_share"]) == 3 and all(0.0 <= s <= 1.0 for s in out["invalid_prefix_share"])
+
+
+def test_bench_serve_requests_mix_malformed_kinds():
+    from benchmarks.bench_serve import MALFORMED, make_requests, percentile
+
+    reqs = make_requests(list(range(1, 200)), 400, 0.1, body_limit=4096)
+    kinds = [k for k, _, _ in reqs]
+    assert len(reqs) == 400 and kinds.count("ok") == 360
+    assert set(kinds) - {"ok"} == set(MALFORMED)
+    assert all(status == (200 if k == "ok" else 413 if k == "too_large" else 422) for k, _, status in reqs)
+    assert all(len(body) > 4096 for k, body, _ in reqs if k == "too_large")
+    assert percentile([float(i) for i in range(1, 101)], 50) == 50.0
+    assert percentile([float(i) for i in range(1, 101)], 99) == 99.0

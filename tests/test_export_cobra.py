@@ -103,6 +103,26 @@ def test_retrieve_equals_the_trained_decoder(cobra_export, decoded, kind):
         assert len(set(got.ids.tolist())) == K and not set(got.ids.tolist()) & set(history)
 
 
+@pytest.mark.parametrize("kind", DECODERS)
+def test_retrieve_many_decodes_the_histories_together(cobra_export, decoded, kind):
+    """What `sidvid-rec serve` runs for a batch of requests: all histories in one decoder pass
+    give each history's own top-K (a second k in the same call is its own group)."""
+    from sidvid_rec.export.serving import Query, load_export
+
+    export = load_export(str(cobra_export["out"]))
+    top = decoded["tops"][kind]
+    rows = list(_histories(decoded["batch"]))
+    queries = [Query(h, K if b % 3 else 4, t, q, kind) for b, h, t, q in rows]
+    got = export.retrieve_many(queries, raw_ids=False)
+    for (b, *_), result in zip(rows, got):
+        k = K if b % 3 else 4
+        assert result.ids.tolist() == top.items[b][:k].tolist(), (kind, b)
+        if k == K:
+            assert result.ids.tolist() == top.items[b].tolist(), (kind, b)
+            assert torch.allclose(torch.tensor([it["score"] for it in result.items]), top.scores[b].float(),
+                                  atol=2e-6)
+
+
 def test_default_decoder_is_the_runs(cobra_export, decoded):
     from sidvid_rec.export.serving import load_export
 

@@ -25,6 +25,7 @@ _COMMAND_MODULES = (
     "sidvid_rec.cli.evaluate_cmd",
     "sidvid_rec.cli.export_cmd",
     "sidvid_rec.cli.recommend_cmd",
+    "sidvid_rec.cli.serve_cmd",
     "sidvid_rec.cli.pipeline_cmd",
 )
 

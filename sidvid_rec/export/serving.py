@@ -128,6 +128,10 @@ class ExportedModel:
             out.append(internal)
         return out
 
+    def unknown(self, raw_ids: Sequence[Any]) -> List[Any]:
+        """The raw ids of ``raw_ids`` that are not in this export's catalogue, in order."""
+        return [raw for raw in raw_ids if str(raw).strip() not in self._internal]
+
     @torch.no_grad()
     def query(self, history: Sequence[int], timestamps: Optional[Sequence[int]] = None,
               query_time: Optional[int] = None) -> torch.Tensor:
@@ -156,29 +160,60 @@ class ExportedModel:
         ``sidvid-rec evaluate`` decodes; only the most recent ``max_len`` items are encoded,
         every history item is filtered.
         """
-        if k <= 0:
-            raise DataError(f"--k must be positive, got {k}")
-        if decoder is not None and self.cobra is None:
+        query = Query(history, k, timestamps, query_time, decoder)
+        return self.retrieve_many([query], raw_ids=raw_ids)[0]
+
+    def check(self, query: "Query", raw_ids: bool = True) -> HistoryBatch:
+        """``query``'s history as internal ids in a one-history batch; a one-line UserError for an
+        empty history, an unknown id, a non-positive ``k``, timestamps of the wrong length or a
+        decoder on a non-COBRA export (what :meth:`retrieve_many` checks before any model call)."""
+        if query.k <= 0:
+            raise DataError(f"--k must be positive, got {query.k}")
+        if query.decoder is not None and self.cobra is None:
             raise ConfigError(f"--decoder applies to COBRA exports; this export is mode {self.mode}")
-        internal = self.to_internal(history) if raw_ids else [int(i) for i in history]
+        internal = self.to_internal(query.history) if raw_ids else [int(i) for i in query.history]
         bad = [i for i in internal if not 1 <= i <= self.num_items]
         if bad:
             raise DataError(f"item id {bad[0]} is outside [1, {self.num_items}]")
-        k = min(k, self.num_items)
+        return HistoryBatch.single(internal, query.timestamps, query.query_time)
+
+    @torch.no_grad()
+    def retrieve_many(self, queries: Sequence["Query"], raw_ids: bool = True) -> List[Retrieved]:
+        """:meth:`retrieve` for each query, batched: the queries are checked first (any bad one
+        raises before a model call), then each group of equal ``k`` and decoder is one encoder /
+        decoder pass over its histories together. Result ``i`` belongs to ``queries[i]``.
+        """
+        checked = [self.check(q, raw_ids) for q in queries]
+        out: List[Optional[Retrieved]] = [None] * len(queries)
+        groups: Dict[Any, List[int]] = {}
+        for i, q in enumerate(queries):
+            groups.setdefault((min(q.k, self.num_items), q.decoder), []).append(i)
+        for (k, decoder), members in groups.items():
+            batch = _concat([checked[i] for i in members])
+            ids, scores = self._top_k(batch, k, decoder)
+            for row, i in enumerate(members):
+                keep = [(int(a), float(s)) for a, s in zip(ids[row], scores[row]) if int(a) != MISSING_ID]
+                items = [{"item_id": self.raw_ids[a], "title": self.titles[a], "score": round(s, 6)} for a, s in keep]
+                out[i] = Retrieved(np.array([a for a, _ in keep], dtype=np.int64), items)
+        return out  # type: ignore[return-value]
+
+    def _top_k(self, batch: HistoryBatch, k: int, decoder: Optional[str]) -> Any:
+        """``(ids [B, k], scores [B, k])`` for the checked histories of ``batch``."""
         if self.cobra is not None:
-            top = self.cobra.top_k(HistoryBatch.single(internal, timestamps, query_time), k, decoder)
-            ids, scores = top.items[0], top.scores[0]
-        elif self.sid_gen is not None:  # the trie-constrained beam search, from the KV cache
-            top = self.sid_gen.top_k(HistoryBatch.single(internal, timestamps, query_time), k)
-            ids, scores = top.items[0], top.scores[0]
+            top = self.cobra.top_k(batch, k, decoder)
+            return top.items, top.scores
+        if self.sid_gen is not None:  # the trie-constrained beam search, from the KV cache
+            top = self.sid_gen.top_k(batch, k)
+            return top.items, top.scores
+        keep = keep_recent(batch.offsets, self.encoder.max_len)
+        recent = jagged.lengths_to_offsets(jagged.offsets_to_lengths(batch.offsets).clamp(max=self.encoder.max_len))
+        states = self.encoder.last_states(self.item_vectors[batch.item_ids[keep]], recent, batch.timestamps[keep],
+                                          batch.query_times)  # [B, D]
+        if self.filter_history:
+            hits = self.index.search_excluding(states, k, batch.item_ids, batch.offsets)
         else:
-            q = self.query(internal, timestamps, query_time)[None, :]  # [1, D]
-            seen = torch.tensor(sorted(set(internal)) if self.filter_history else [], dtype=torch.long)
-            hits = self.index.search_excluding(q, k, seen, torch.tensor([0, seen.numel()]))
-            ids, scores = hits.ids[0], hits.scores[0]
-        keep = [(int(i), float(s)) for i, s in zip(ids, scores) if int(i) != MISSING_ID]
-        items = [{"item_id": self.raw_ids[i], "title": self.titles[i], "score": round(s, 6)} for i, s in keep]
-        return Retrieved(np.array([i for i, _ in keep], dtype=np.int64), items)
+            hits = self.index.search_excluding(states, k, torch.empty(0, dtype=torch.long), None)
+        return hits.ids, hits.scores
 
     @torch.no_grad()
     def top_k_batch(self, item_ids: torch.Tensor, timestamps: torch.Tensor, offsets: torch.Tensor, k: int,
@@ -195,23 +230,28 @@ class ExportedModel:
             raise DataError(f"--k must be positive, got {k}")
         if decoder is not None and self.cobra is None:
             raise ConfigError(f"--decoder applies to COBRA exports; this export is mode {self.mode}")
-        k = min(k, self.num_items)
         if query_times is None:
             query_times = timestamps[offsets[1:] - 1]
-        if self.cobra is not None:
-            top = self.cobra.top_k(HistoryBatch(item_ids, timestamps, offsets, query_times), k, decoder)
-            return top.items, top.scores
-        if self.sid_gen is not None:
-            top = self.sid_gen.top_k(HistoryBatch(item_ids, timestamps, offsets, query_times), k)
-            return top.items, top.scores
-        keep = keep_recent(offsets, self.encoder.max_len)
-        recent = jagged.lengths_to_offsets(jagged.offsets_to_lengths(offsets).clamp(max=self.encoder.max_len))
-        q = self.encoder.last_states(self.item_vectors[item_ids[keep]], recent, timestamps[keep], query_times)
-        if self.filter_history:
-            hits = self.index.search_excluding(q, k, item_ids, offsets)
-        else:
-            hits = self.index.search_excluding(q, k, torch.empty(0, dtype=torch.long), None)
-        return hits.ids, hits.scores
+        return self._top_k(HistoryBatch(item_ids, timestamps, offsets, query_times), min(k, self.num_items), decoder)
+
+
+@dataclass
+class Query:
+    """One retrieval request of :meth:`ExportedModel.retrieve_many` (arguments as :meth:`~ExportedModel.retrieve`'s)."""
+
+    history: Sequence[Any]
+    k: int = 10
+    timestamps: Optional[Sequence[int]] = None
+    query_time: Optional[int] = None
+    decoder: Optional[str] = None
+
+
+def _concat(batches: Sequence[HistoryBatch]) -> HistoryBatch:
+    """One jagged batch of several one-history batches, in order."""
+    lengths = torch.tensor([b.item_ids.numel() for b in batches], dtype=torch.long)
+    return HistoryBatch(torch.cat([b.item_ids for b in batches]), torch.cat([b.timestamps for b in batches]),
+                        torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]),
+                        torch.cat([b.query_times for b in batches]))
 
 
 def load_export(directory: str) -> ExportedModel:
