@@ -259,6 +259,12 @@ CASES = [
     Case("convert-onto-an-existing-file", ["data", "convert", "{ws}/data", "--out", "{ws}/x.parquet",
                                            "data.cache_dir={ws}/cache"], "--overwrite",
          lambda ws: _created(ws, "x.parquet", b"not mine to replace")),
+    # serve refuses before it listens
+    Case("serve-not-an-export", ["serve", "{ws}/foreign", "--port", "0"], "foreign"),
+    Case("serve-tampered-export", ["serve", "{ws}/export", "--port", "0"], "sha256",
+         lambda ws: _edited(ws, "export/dense.safetensors", lambda raw: raw[:-1] + bytes([raw[-1] ^ 1]))),
+    Case("serve-max-batch-zero", ["serve", "{ws}/export", "--port", "0", "--max-batch", "0"], "--max-batch"),
+    Case("serve-port-out-of-range", ["serve", "{ws}/export", "--port", "70000"], "--port"),
     Case("train-without-run-dir", ["train", "@data"], "--run-dir"),
     Case("evaluate-unknown-split", ["evaluate", "{ws}/run", "--split", "dev"], "--split"),
     Case("unknown-command", ["serve-me"], "serve-me"),
