@@ -89,23 +89,46 @@ def bench_prepare(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def bench_recommend(args: argparse.Namespace) -> Dict[str, Any]:
+    """``recommend --users all`` on ``--export`` (or a 1-epoch ml-latest-small run trained here),
+    timed, and its lists compared with ``retrieve`` for ``--check-users`` evenly spaced users."""
     from sidvid_rec.cli import main
-    from sidvid_rec.export.recommend import make_job
 
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        run, export = os.path.join(tmp, "run"), os.path.join(tmp, "export")
-        common = [f"data.cache_dir={os.path.join(tmp, 'cache')}"]
-        assert main(["train", "--run-dir", run, *common, "train.epochs=1", "eval.batch_size=610"]) == 0
-        assert main(["export", run, "--out", export]) == 0
-        start = time.time()
-        job = make_job(export, "all", args.k, os.path.join(tmp, "top.parquet"), batch_size=args.batch_size,
-                       progress=False)
-        loaded = time.time() - start
-        start = time.time()
-        summary = job.run()
-        ran = time.time() - start
+        export = args.export
+        if export is None:
+            run, export = os.path.join(tmp, "run"), os.path.join(tmp, "export")
+            common = [f"data.cache_dir={os.path.join(tmp, 'cache')}"]
+            assert main(["train", "--run-dir", run, *common, "train.epochs=1", "eval.batch_size=610"]) == 0
+            assert main(["export", run, "--out", export]) == 0
+        return _time_recommend(export, os.path.join(tmp, "top.parquet"), args)
+
+
+def _time_recommend(export: str, out: str, args: argparse.Namespace) -> Dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    from sidvid_rec.data import load_sequences
+    from sidvid_rec.export.recommend import data_config, make_job
+    from sidvid_rec.export.serving import load_export
+
+    start = time.time()
+    job = make_job(export, "all", args.k, out, batch_size=args.batch_size, progress=False)
+    loaded = time.time() - start
+    start, cpu = time.time(), time.process_time()
+    summary = job.run()
+    ran, ran_cpu = time.time() - start, time.process_time() - cpu
+    rows = pq.read_table(out).to_pylist()
+    model = load_export(export)
+    data = load_sequences(data_config(model.manifest, []))
+    checked = range(0, data.num_users, max(1, data.num_users // args.check_users))
+    equal = 0
+    for user in checked:
+        lo, hi = int(data.offsets[user]), int(data.offsets[user + 1])
+        history = [int(data.item_raw_ids[i]) for i in data.item_values[lo:hi]]
+        got = model.retrieve(history, k=args.k, timestamps=data.timestamps[lo:hi].tolist())
+        equal += rows[user]["item_ids"] == [it["item_id"] for it in got.items]
     return {"users": summary["users"], "k": args.k, "batch_size": args.batch_size, "load_s": round(loaded, 2),
-            "run_s": round(ran, 2), "users_per_s": round(summary["users"] / ran, 1)}
+            "run_s": round(ran, 2), "run_cpu_s": round(ran_cpu, 2), "users_per_s": round(summary["users"] / ran, 1),
+            "equal_to_retrieve": f"{equal}/{len(checked)}", "mode": model.mode}
 
 
 def _record(section: str, body: str) -> None:
@@ -125,6 +148,8 @@ def main() -> None:
     parser.add_argument("--tmp", default=None, help="where the generated files go (default: the system temp)")
     parser.add_argument("--machine", default=f"{os.cpu_count()} CPU cores, {platform.machine()}")
     parser.add_argument("--date", default=time.strftime("%Y-%m-%d"))
+    parser.add_argument("--export", default=None, help="recommend: an existing export (default: train a small one)")
+    parser.add_argument("--check-users", type=int, default=50, help="recommend: users compared with retrieve")
     parser.add_argument("--record", action="store_true", help="write the figures to benchmarks/RESULTS.md")
     args = parser.parse_args()
     result = bench_prepare(args) if args.what == "prepare" else bench_recommend(args)
