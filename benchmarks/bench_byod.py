@@ -174,18 +174,16 @@ The output arrays alone are {s['interactions'] * 20 / 2**30:.2f} GiB (item, time
 Before two fixes in the reader the same run peaked at 2.1 GiB (290 s): `ParquetFile.iter_batches` kept memory of every row group it had read (the reader now reads one row group at a time), and glibc's rising mmap threshold put the batch arrays on a heap that fragmented (the reader pins it at 128 KiB and trims between batches). About 0.3 GiB of the peak is the CLI's start-up (torch and faiss are imported by the command table)."""
         _record("byod", body)
     else:
+        source = args.export or "a 1-epoch ml-latest-small `id` run (the defaults)"
         body = f"""## Batch recommendation: `recommend --users all`
 
-Command: `OMP_NUM_THREADS=1 python -m benchmarks.bench_byod recommend --record`; machine: {args.machine}; {args.date}.
-A small `id` run (the defaults: d=50, 2 HSTU blocks, max_len=200; 1 training epoch) on ml-latest-small, exported (flat FAISS index); `recommend` over all {result['users']} users, top-{args.k}, batch size {args.batch_size}, Parquet output.
+Command: `OMP_NUM_THREADS=1 python -m benchmarks.bench_byod recommend --check-users {args.check_users}{' --export ' + args.export if args.export else ''} --record`; machine: {args.machine}; {args.date}.
 
-| figure | value |
-|---|---|
-| load export + histories | {result['load_s']} s |
-| recommend run (encode, search, write parts, assemble) | {result['run_s']} s |
-| throughput | **{result['users_per_s']:,} users/s** |
+| export | mode | users | run wall / CPU | throughput | = retrieve |
+|---|---|---|---|---|---|
+| {source} | {result['mode']} | {result['users']:,} | {result['run_s']} s / {result['run_cpu_s']} s | **{result['users_per_s']:,} users/s** | {result['equal_to_retrieve']} |
 
-Profile (cProfile of the run): about 60% is the HSTU forward over each user's whole history (at most 200 items), 30% the FAISS search, which over-fetches K + the batch's longest history so that K items remain after the history filter (users are batched by history length to keep that small; 1.19 s before)."""
+top-{args.k}, batch size {args.batch_size}, Parquet output; "= retrieve": evenly spaced users whose row equals `retrieve` on their whole history."""
         _record("recommend", body)
 
 
