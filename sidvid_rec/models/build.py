@@ -100,6 +100,9 @@ def _build_cobra(cfg: Config, data: SequenceData, codebook: SemanticIdCodebook,
                  table_device: str) -> CobraRecommender:
     """The COBRA model over ``codebook``'s SIDs (cut to ``model.cobra_sid_layers``)."""
     m, loss = cfg.model, cfg.loss
+    if loss.negatives != "uniform" or loss.label_smoothing:
+        raise ConfigError(f"loss.negatives={loss.negatives} / loss.label_smoothing={loss.label_smoothing}: "
+                          "COBRA takes loss.negatives=uniform and no label smoothing (HSTU modes only)")
     if m.cobra_sid_layers < 0 or m.cobra_sid_layers > codebook.num_layers:
         raise ConfigError(f"model.cobra_sid_layers must lie in [0, {codebook.num_layers}], got {m.cobra_sid_layers}")
     codebook = codebook.truncated(m.cobra_sid_layers)
@@ -120,14 +123,24 @@ def _build_cobra(cfg: Config, data: SequenceData, codebook: SemanticIdCodebook,
                             sid_logq=loss.logq_correction, sid_dropout=m.cobra_sid_dropout)
 
 
+def hstu_loss(cfg: Config, data: SequenceData) -> SampledSoftmaxLoss:
+    """The item softmax of the HSTU modes: ``loss.negatives`` uniform / all / mixed (+ logQ)."""
+    loss = cfg.loss
+    mixed_logq = loss.negatives == "mixed" and loss.logq_correction
+    return SampledSoftmaxLoss(num_items=data.num_items, num_negatives=loss.num_negatives,
+                              temperature=loss.temperature, shared=loss.shared_negatives,
+                              negatives=loss.negatives, label_smoothing=loss.label_smoothing,
+                              item_frequency=training_item_frequency(cfg, data) if mixed_logq else None,
+                              max_in_batch=loss.max_in_batch)
+
+
 def build_model(cfg: Config, data: SequenceData, table_device: str = "meta") -> RecommenderModel:
     """The unsharded model; tables on ``table_device`` (``meta``: DMP materialises the shards)."""
     codebook = load_codebook(cfg, data)
     if decodes(cfg.model.mode):
         assert codebook is not None  # uses_sids(cobra)
         return _build_cobra(cfg, data, codebook, table_device)
-    loss = SampledSoftmaxLoss(num_items=data.num_items, num_negatives=cfg.loss.num_negatives,
-                              temperature=cfg.loss.temperature, shared=cfg.loss.shared_negatives)
+    loss = hstu_loss(cfg, data)
     return HSTURecommender(build_embeddings(cfg, data, codebook, table_device), build_encoder(cfg), loss)
 
 
