@@ -139,7 +139,7 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     num_negatives: int = 128
-    """R uniform negatives from the whole item set (sampled softmax)."""
+    """R uniform negatives from the whole item set (sampled softmax; unused with ``negatives=all``)."""
     temperature: float = 0.05
     """Softmax temperature on cosine similarities."""
     vid_weight: float = 1.0
