@@ -88,17 +88,52 @@ def markdown(records: List[Dict[str, object]], chosen: Optional[str]) -> str:
     return "\n".join(lines)
 
 
+def across_seeds(by_seed: Dict[int, List[Dict[str, object]]]) -> str:
+    """Rows finished under every seed: mean and spread (max - min) of validation NDCG@10 and HR@10;
+    the row with the best mean validation NDCG@10 is chosen, and test is shown for it and the
+    baseline only (means over the seeds)."""
+    names = [r["name"] for r in next(iter(by_seed.values()))]
+    names = [n for n in names if all(any(r["name"] == n for r in rs) for rs in by_seed.values())]
+
+    def values(name: str, split: str, key: str) -> List[float]:
+        return [next(r for r in rs if r["name"] == name)[split][key] for rs in by_seed.values()]
+
+    def stat(xs: List[float]) -> str:
+        return f"{sum(xs) / len(xs):.4f} ± {(max(xs) - min(xs)) / 2:.4f}"
+
+    chosen = max(names, key=lambda n: sum(values(n, "valid", SELECT)))
+    lines = [f"seeds {', '.join(str(s) for s in by_seed)}; mean ± half the spread; chosen on mean validation "
+             f"{SELECT}: {chosen}", "",
+             "| row | valid NDCG@10 | valid HR@10 | test NDCG@10 | test HR@10 |", "|---|---|---|---|---|"]
+    for n in names:
+        test = (f"{stat(values(n, 'test', 'ndcg@10'))} | {stat(values(n, 'test', 'hr@10'))}"
+                if n in ("baseline", chosen) else "- | -")
+        lines.append(f"| {'**' + n + '**' if n == chosen else n} | {stat(values(n, 'valid', 'ndcg@10'))} | "
+                     f"{stat(values(n, 'valid', 'hr@10'))} | {test} |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=sorted(DATASETS), default="amazon-beauty")
     parser.add_argument("--out", default="runs/levers")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seeds", type=int, nargs="*", default=None,
+                        help="with --report: aggregate these seeds' finished rows (mean and spread)")
     parser.add_argument("--only", nargs="*", default=None, help="row names to run (default: all)")
     parser.add_argument("--report", action="store_true", help="print the table of finished rows only")
     parser.add_argument("--set", nargs="*", default=[], help="overrides applied to every row")
     args = parser.parse_args(argv)
     spec = DATASETS[args.dataset]
+    if args.report and args.seeds:
+        by_seed = {}
+        for seed in args.seeds:
+            root = os.path.abspath(os.path.join(args.out, f"{args.dataset}-e{args.epochs}-s{seed}"))
+            by_seed[seed] = [json.load(open(os.path.join(root, n, "bench.json"))) for n, _ in ROWS
+                             if os.path.exists(os.path.join(root, n, "bench.json"))]
+        print(across_seeds(by_seed))
+        return 0
     out = os.path.abspath(os.path.join(args.out, f"{args.dataset}-e{args.epochs}-s{args.seed}"))
     os.makedirs(out, exist_ok=True)
     common = [f"data.path={spec['path']}", f"train.epochs={args.epochs}", f"train.seed={args.seed}",

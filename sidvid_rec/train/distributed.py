@@ -33,11 +33,11 @@ from torch import nn
 
 from sidvid_rec.config import Config, TrainConfig
 from sidvid_rec.data import SequenceData
+from sidvid_rec.errors import ConfigError
 from sidvid_rec.models.build import build_model
 from sidvid_rec.modules.embeddings import INIT_STD  # rows start as N(0, 0.02) truncated at 2 std
 from sidvid_rec.process_group import DistContext
 from sidvid_rec.stack import require_fbgemm
-from sidvid_rec.errors import ConfigError
 from sidvid_rec.train.optimizers import apply_embedding_optimizer, table_modules, tables_in_dense_optimizer
 from sidvid_rec.train.planner import check_world_size, sharding_plan
 
