@@ -25,8 +25,8 @@ import yaml
 from sidvid_rec import storage
 from sidvid_rec.errors import ArtifactError, ConfigError
 from sidvid_rec.types import (AttentionScale, Balance, BeamFuse, DataFormat, DecoderKind, Device, EmbeddingOptimizer,
-                              Fusion, IndexKind, ModelMode, Pooling, Precision, QueryTime, Sharding, SidMethod, SidSoftmax,
-                              SplitProtocol, VidNegatives)
+                              Fusion, IndexKind, ItemNegatives, LrSchedule, ModelMode, Pooling, Precision, QueryTime,
+                              Sharding, SidMethod, SidSoftmax, SplitProtocol, VidNegatives)
 
 T = TypeVar("T")
 
@@ -186,7 +186,7 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     num_negatives: int = 128
-    """R uniform negatives from the whole item set (sampled softmax)."""
+    """R uniform negatives from the whole item set (sampled softmax; unused with ``negatives=all``)."""
     temperature: float = 0.05
     """Softmax temperature on cosine similarities."""
     vid_weight: float = 1.0
@@ -207,7 +207,19 @@ class LossConfig:
     logq_correction: bool = True
     """COBRA: subtract from each sampled logit the log of its candidate's expected count (SIDs drawn
     through uniform items, in-batch/queue VIDs drawn by popularity): the sampling-bias correction
-    that makes the sampled losses estimate full softmaxes, so decoders get calibrated scores."""
+    that makes the sampled losses estimate full softmaxes, so decoders get calibrated scores.
+    HSTU modes: used by ``negatives=mixed`` (``uniform`` stays the reference's uncorrected loss)."""
+    negatives: ItemNegatives = "uniform"
+    """HSTU modes (``id``/``sid``/``sid_id``): ``uniform``: R = ``num_negatives`` uniform items
+    (reference); ``all``: exact softmax over every item (``num_negatives`` unused); ``mixed``: the
+    batch's targets as in-batch negatives plus R shared uniform items, logQ-corrected when
+    ``logq_correction``. COBRA accepts ``uniform`` only."""
+    label_smoothing: float = 0.0
+    """HSTU modes: label smoothing eps of the item cross-entropy (over every item with ``all``,
+    over the unmasked candidates when sampled); 0 = none."""
+    max_in_batch: int = 0
+    """HSTU ``negatives=mixed``: cap on in-batch negatives (a uniform subset of the batch's
+    positions); 0 = every position."""
 
 
 @dataclass
@@ -247,6 +259,17 @@ class TrainConfig:
     """Stop after this many optimizer steps (0 = no limit); for smoke tests."""
     checkpoint_every: int = 0
     """Also checkpoint every this many optimizer steps inside an epoch (0 = at epoch ends only)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up over this many optimizer steps (step s uses (s+1)/warmup of
+    the lr); 0 = none. Applies to ``lr`` and ``embedding_lr`` alike."""
+    lr_schedule: LrSchedule = "constant"
+    """After the warm-up: ``constant`` or ``cosine`` decay to ``min_lr_ratio`` times the lr at the
+    run's planned last step (``schedule_epochs`` x batches per epoch, capped by ``max_steps``)."""
+    min_lr_ratio: float = 0.0
+    """``cosine``: the final lr as a share of the initial one."""
+    schedule_epochs: int = 0
+    """Epochs the schedule is planned over; 0 = ``epochs``. The plan is fixed when a run starts
+    and saved in its checkpoints (a resume keeps it, whatever ``epochs`` says then)."""
 
 
 @dataclass
@@ -482,6 +505,8 @@ _RANGES: Dict[str, Range] = {
     "loss.queue_size": _POSITIVE,
     "loss.vid_num_negatives": _NON_NEGATIVE,
     "loss.vid_max_in_batch": _NON_NEGATIVE,
+    "loss.label_smoothing": _UNIT_OPEN,
+    "loss.max_in_batch": _NON_NEGATIVE,  # 0 = every position of the batch
     "train.epochs": _POSITIVE,
     "train.batch_size": _POSITIVE,
     "train.lr": _POSITIVE,
@@ -493,6 +518,9 @@ _RANGES: Dict[str, Range] = {
     "train.eval_every": _POSITIVE,
     "train.max_steps": _NON_NEGATIVE,
     "train.checkpoint_every": _NON_NEGATIVE,
+    "train.warmup_steps": _NON_NEGATIVE,  # 0 = no warm-up
+    "train.min_lr_ratio": _UNIT,
+    "train.schedule_epochs": _NON_NEGATIVE,  # 0 = train.epochs
     "eval.ks": _POSITIVE,
     "eval.batch_size": _POSITIVE,
     "eval.soft_k": _POSITIVE,

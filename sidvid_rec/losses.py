@@ -12,6 +12,11 @@ Item vectors are looked up through a callable ``item_vectors_fn(ids [K]) -> [K, 
   position; ``shared=True`` draws one set of R for the whole batch, much cheaper on CPU),
   a negative equal to the positive gets logit -5e4 (not -inf: a row of all collisions
   stays finite), ``-log_softmax([pos, negs] / temperature)[0]`` averaged over positions.
+  Two more negative sets (``negatives=``): ``all``, the exact softmax over every item
+  ``1..N`` (one ``[T, N]`` matmul), and ``mixed``, the batch's own targets (in-batch,
+  drawn by popularity) plus R shared uniform items, each logit corrected by the log of its
+  expected count (logQ), so the sampled loss estimates the exact one. Optional label
+  smoothing in every case.
 * :class:`InfoNCELoss` contrasts each VID query with its own target vector against a pool
   of (id, vector, is_sid) entries: the batch's entries without dedup (every position keeps
   its own pair), optionally plus R global uniform negatives or a memory queue of recent
@@ -31,6 +36,8 @@ from typing import Callable, Literal, NamedTuple, Optional, Tuple, get_args
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sidvid_rec.types import ItemNegatives
 
 ItemVectorsFn = Callable[[torch.Tensor], torch.Tensor]
 """``ids [K]`` -> item vectors ``[K, D]`` (not necessarily normalised)."""
@@ -87,26 +94,68 @@ def _nll_of_first(logits: torch.Tensor) -> torch.Tensor:
     return -F.log_softmax(logits, dim=1)[:, 0].mean()
 
 
+def _smoothed_nll_of_first(logits: torch.Tensor, valid: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Cross-entropy with target column 0 and label smoothing over the ``valid [T, C]`` columns:
+    ``(1 - eps) * nll + eps * mean_valid(-log p)`` per row, averaged over rows (masked candidates
+    get no smoothing mass, as if they were not there; ``eps = 0`` is :func:`_nll_of_first`)."""
+    if smoothing == 0.0:
+        return _nll_of_first(logits)
+    log_p = F.log_softmax(logits, dim=1)
+    weights = valid.to(log_p.dtype)
+    uniform = -(log_p * weights).sum(1) / weights.sum(1)
+    return ((1.0 - smoothing) * -log_p[:, 0] + smoothing * uniform).mean()
+
+
 class SampledSoftmaxLoss(nn.Module):
-    """Sampled softmax with uniform negatives over the item set (reference HSTU).
+    """Softmax over items of each position's query: sampled (reference HSTU), exact, or mixed.
 
     Args:
         num_items: N; negatives are drawn from ids ``1..N``.
-        num_negatives: R negatives per position (or per batch with ``shared``).
+        num_negatives: R uniform negatives per position (or per batch with ``shared``; with
+            ``mixed``, one set of R for the batch).
         temperature: logits are cosine similarities divided by this.
         shared: one set of R negatives for every position of the batch instead of R each.
+        negatives: ``uniform`` (the reference: R uniform negatives, no correction), ``all``
+            (the exact softmax over every item ``1..N``; the padding row 0 never enters) or
+            ``mixed`` (the batch's targets as in-batch negatives plus R shared uniform ones).
+        label_smoothing: eps of the label-smoothed cross-entropy, spread over the candidates
+            of the row (every item with ``all``; the unmasked ones when sampled).
+        item_frequency: ``mixed`` only: ``[N + 1]`` share of each item among training events.
+            When given, each pool logit loses the log of its id's expected number of copies in
+            the pool, ``log(M * freq(id) + R / N)`` (in-batch entries are drawn by popularity,
+            uniform ones with probability 1 / N each): the logQ correction, after which the
+            sampled denominator is an unbiased estimate of the full softmax's.
+        max_in_batch: ``mixed``: keep at most this many in-batch entries (a uniform subset of the
+            batch's positions); 0 = every position.
     """
 
     def __init__(self, num_items: int, num_negatives: int = 128, temperature: float = 0.05,
-                 shared: bool = False) -> None:
+                 shared: bool = False, negatives: ItemNegatives = "uniform", label_smoothing: float = 0.0,
+                 item_frequency: Optional[torch.Tensor] = None, max_in_batch: int = 0) -> None:
         super().__init__()
         if num_items <= 0 or num_negatives <= 0 or temperature <= 0:
             raise ValueError(f"num_items, num_negatives and temperature must be positive, got "
                              f"{num_items}, {num_negatives}, {temperature}")
+        if negatives not in get_args(ItemNegatives):
+            raise ValueError(f"unknown negatives {negatives!r}; choose one of {', '.join(get_args(ItemNegatives))}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+        if item_frequency is not None and negatives != "mixed":
+            raise ValueError("item_frequency (the logQ correction) is used by negatives='mixed' only")
         self._num_items = num_items
         self._num_negatives = num_negatives
         self._temperature = temperature
         self._shared = shared
+        self._negatives: ItemNegatives = negatives
+        self._label_smoothing = float(label_smoothing)
+        self._max_in_batch = max_in_batch
+        self.item_frequency: Optional[torch.Tensor]
+        self.register_buffer("item_frequency", None if item_frequency is None else item_frequency.float(),
+                             persistent=False)
+
+    @property
+    def negatives(self) -> ItemNegatives:
+        return self._negatives
 
     def sample_negatives(self, num_positions: int, generator: Optional[torch.Generator],
                          device: torch.device) -> torch.Tensor:
@@ -117,24 +166,34 @@ class SampledSoftmaxLoss(nn.Module):
     def forward(self, query: torch.Tensor, pos_ids: torch.Tensor, item_vectors_fn: ItemVectorsFn,
                 generator: Optional[torch.Generator] = None,
                 negative_ids: Optional[torch.Tensor] = None,
-                negative_log_counts: Optional[torch.Tensor] = None) -> LossOutput:
+                negative_log_counts: Optional[torch.Tensor] = None,
+                in_batch_ids: Optional[torch.Tensor] = None) -> LossOutput:
         """Mean NLL of each position's positive against its negatives.
 
         Args:
             query: ``[T, D]`` model outputs (normalised here).
             pos_ids: ``[T]`` target item ids in ``1..N``.
-            item_vectors_fn: ``ids [K] -> [K, D]``; called once, on the unique ids needed.
+            item_vectors_fn: ``ids [K] -> [K, D]``; called once, on the unique ids needed
+                (on ``1..N`` with ``negatives='all'``).
             generator: random source of the negatives.
-            negative_ids: ``[T, R]`` or ``[1, R]`` fixed negatives instead of sampling (tests).
+            negative_ids: ``[T, R]`` or ``[1, R]`` fixed negatives instead of sampling (tests);
+                with ``mixed``, ``[R]`` fixed uniform ones.
             negative_log_counts: shaped like ``negative_ids``: log of each negative's expected
                 number of copies among the R draws, subtracted from its logit (sampling-bias
                 correction, "logQ"), so the sampled denominator estimates the full softmax's
                 even when the ids are not drawn uniformly (e.g. items mapped to SIDs).
+            in_batch_ids: ``mixed``: the in-batch pool ``[M]`` (default: ``pos_ids``, the targets
+                of every position of the batch).
         """
         num_positions = pos_ids.numel()
         if num_positions == 0:
             return _zero_loss(query)
-        if negative_ids is None:
+        if self._negatives == "all":
+            return LossOutput(self._full_softmax(query, pos_ids, item_vectors_fn), num_positions)
+        if self._negatives == "mixed":
+            negative_ids, negative_log_counts = self.mixed_pool(pos_ids if in_batch_ids is None else in_batch_ids,
+                                                                generator, negative_ids)
+        elif negative_ids is None:
             negative_ids = self.sample_negatives(num_positions, generator, pos_ids.device)
         vectors, inverse = _lookup_unique(torch.cat([pos_ids, negative_ids.reshape(-1)]), item_vectors_fn)
         q = l2_normalize(query)  # [T, D]
@@ -147,9 +206,39 @@ class SampledSoftmaxLoss(nn.Module):
         neg_logits = neg_logits / self._temperature
         if negative_log_counts is not None:
             neg_logits = neg_logits - negative_log_counts
-        neg_logits = neg_logits.masked_fill(negative_ids == pos_ids.unsqueeze(1), MASKED_LOGIT)
+        collide = negative_ids == pos_ids.unsqueeze(1)  # [T, R]
+        neg_logits = neg_logits.masked_fill(collide, MASKED_LOGIT)
         logits = torch.cat([pos_logits / self._temperature, neg_logits], dim=1)  # [T, 1 + R]
-        return LossOutput(_nll_of_first(logits), num_positions)
+        if self._label_smoothing == 0.0:
+            return LossOutput(_nll_of_first(logits), num_positions)
+        valid = torch.cat([torch.ones_like(pos_logits, dtype=torch.bool), ~collide], dim=1)
+        return LossOutput(_smoothed_nll_of_first(logits, valid, self._label_smoothing), num_positions)
+
+    def mixed_pool(self, in_batch_ids: torch.Tensor, generator: Optional[torch.Generator] = None,
+                   uniform_ids: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``mixed``'s shared pool ``[1, M + R]`` (in-batch entries, at most ``max_in_batch``, then
+        R uniform ids) and, with ``item_frequency``, the log of each entry's expected copies
+        ``log(M * freq(id) + R / N)`` (``[1, M + R]``; else None)."""
+        pool = in_batch_ids.reshape(-1)
+        if self._max_in_batch and pool.numel() > self._max_in_batch:
+            gen_device = generator.device if generator is not None else torch.device("cpu")
+            keep = torch.randperm(pool.numel(), generator=generator, device=gen_device)[: self._max_in_batch]
+            pool = pool[keep.to(pool.device)]
+        if uniform_ids is None:
+            uniform_ids = uniform_item_ids(self._num_items, (self._num_negatives,), generator, pool.device)
+        uniform_ids = uniform_ids.reshape(-1)
+        ids = torch.cat([pool, uniform_ids]).unsqueeze(0)
+        if self.item_frequency is None:
+            return ids, None
+        freq = self.item_frequency.to(ids.device)
+        expected = pool.numel() * freq[ids] + uniform_ids.numel() / self._num_items
+        return ids, expected.clamp(min=1e-12).log()
+
+    def _full_softmax(self, query: torch.Tensor, pos_ids: torch.Tensor, item_vectors_fn: ItemVectorsFn) -> torch.Tensor:
+        """Exact cross-entropy over items ``1..N``: ``cos(q, item) / temperature`` for every item."""
+        ids = torch.arange(1, self._num_items + 1, device=pos_ids.device)
+        logits = l2_normalize(query) @ l2_normalize(item_vectors_fn(ids)).T / self._temperature  # [T, N]
+        return F.cross_entropy(logits, pos_ids - 1, label_smoothing=self._label_smoothing)
 
 
 # ----------------------------------------------------------------------------- InfoNCE

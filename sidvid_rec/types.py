@@ -37,6 +37,11 @@ BeamFuse = Literal["prod", "sum", "softmax"]
 """How the ``beam`` decoder fuses SID and VID scores."""
 VidNegatives = Literal["in_batch", "in_batch_global", "queue"]
 """COBRA VID negative pool."""
+ItemNegatives = Literal["uniform", "all", "mixed"]
+"""Negatives of the HSTU item softmax: R uniform ones (reference), every item (exact softmax),
+or the batch's targets plus R uniform ones (logQ-corrected)."""
+LrSchedule = Literal["constant", "cosine"]
+"""Learning-rate schedule after the linear warm-up: constant, or cosine decay to ``train.min_lr_ratio``."""
 SidSoftmax = Literal["auto", "full", "sampled"]
 """COBRA SID loss: exact softmax over the valid SIDs, sampled, or by catalogue size."""
 IndexKind = Literal["flat", "hnsw", "ivf"]

@@ -253,3 +253,110 @@ def test_sampled_softmax_negative_log_counts(table):
         logits += [_cos(query[t], table[n]) / TEMP - float(c) for n, c in zip(negs[t], log_counts[t]) if n != pos[t]]
         expected += _nll(logits)
     assert out.loss.item() == pytest.approx(expected / 2, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- exact, mixed, smoothed
+
+
+def _full_softmax_by_hand(query, pos, table, smoothing=0.0) -> float:
+    """Cross-entropy over items 1..N (never the padding row 0), label-smoothed like torch's:
+    (1 - eps) * nll + eps * mean over the N items of -log p."""
+    total = 0.0
+    for t in range(len(pos)):
+        logits = [_cos(query[t], table[i]) / TEMP for i in range(1, NUM_ITEMS + 1)]
+        log_z = math.log(sum(math.exp(x) for x in logits))
+        nll = log_z - logits[pos[t] - 1]
+        uniform = sum(log_z - x for x in logits) / NUM_ITEMS
+        total += (1 - smoothing) * nll + smoothing * uniform
+    return total / len(pos)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_full_softmax_matches_hand_computation_and_trains_the_table(table, smoothing):
+    query = torch.randn(3, DIM, requires_grad=True)
+    pos = torch.tensor([1, 4, 6])
+    calls = []
+
+    def lookup(ids):
+        calls.append(ids.clone())
+        return table[ids]
+
+    loss_fn = SampledSoftmaxLoss(NUM_ITEMS, num_negatives=2, temperature=TEMP, negatives="all",
+                                 label_smoothing=smoothing)
+    out = loss_fn(query, pos, lookup, generator=torch.Generator().manual_seed(0))
+    assert out.num_positions == 3 and loss_fn.negatives == "all"
+    assert out.loss.item() == pytest.approx(_full_softmax_by_hand(query, pos.tolist(), table, smoothing), rel=1e-5)
+    assert len(calls) == 1 and calls[0].tolist() == list(range(1, NUM_ITEMS + 1))  # every item, never row 0
+    out.loss.backward()
+    assert table.grad[0].abs().sum() == 0  # the padding row takes no part
+    assert (table.grad[1:].abs().sum(1) > 0).all() and query.grad.abs().sum() > 0  # every item row learns
+
+
+def test_sampled_label_smoothing_spreads_over_unmasked_candidates(table):
+    query = torch.randn(2, DIM)
+    pos = torch.tensor([1, 4])
+    negs = torch.tensor([[2, 3, 5], [4, 1, 1]])  # row 1: one collision (masked, gets no smoothing mass)
+    eps = 0.3
+    out = SampledSoftmaxLoss(NUM_ITEMS, 3, TEMP, label_smoothing=eps)(query, pos, lambda ids: table[ids],
+                                                                      negative_ids=negs)
+    expected = 0.0
+    for t in range(2):
+        logits = [_cos(query[t], table[pos[t]]) / TEMP]
+        logits += [_cos(query[t], table[n]) / TEMP for n in negs[t].tolist() if n != pos[t]]
+        log_z = math.log(sum(math.exp(x) for x in logits))
+        expected += (1 - eps) * (log_z - logits[0]) + eps * sum(log_z - x for x in logits) / len(logits)
+    assert out.loss.item() == pytest.approx(expected / 2, rel=1e-5)
+    plain = SampledSoftmaxLoss(NUM_ITEMS, 3, TEMP)(query, pos, lambda ids: table[ids], negative_ids=negs)
+    assert plain.loss.item() == pytest.approx(_sampled_softmax_by_hand(query, pos.tolist(), negs.tolist(), table),
+                                              rel=1e-5)
+
+
+def test_mixed_pool_and_its_log_counts(table):
+    freq = torch.tensor([0.0, 0.5, 0.2, 0.1, 0.1, 0.05, 0.05])
+    loss_fn = SampledSoftmaxLoss(NUM_ITEMS, num_negatives=3, temperature=TEMP, negatives="mixed", item_frequency=freq)
+    in_batch = torch.tensor([1, 1, 2, 4])
+    ids, log_counts = loss_fn.mixed_pool(in_batch, uniform_ids=torch.tensor([6, 3, 1]))
+    assert ids.tolist() == [[1, 1, 2, 4, 6, 3, 1]]  # in-batch (no dedup), then the uniform ones, one shared row
+    expected = [math.log(4 * float(freq[i]) + 3 / NUM_ITEMS) for i in ids[0].tolist()]
+    assert log_counts[0].tolist() == pytest.approx(expected, rel=1e-5)
+    # the loss: each query against the shared pool, its own id masked, each logit corrected
+    query, pos = torch.randn(2, DIM), torch.tensor([1, 4])
+    out = loss_fn(query, pos, lambda ids: table[ids], negative_ids=torch.tensor([6, 3, 1]), in_batch_ids=in_batch)
+    by_hand = 0.0
+    for t in range(2):
+        logits = [_cos(query[t], table[pos[t]]) / TEMP]
+        logits += [_cos(query[t], table[i]) / TEMP - c for i, c in zip(ids[0].tolist(), expected) if i != pos[t]]
+        by_hand += _nll(logits)
+    assert out.loss.item() == pytest.approx(by_hand / 2, rel=1e-5)
+    capped = SampledSoftmaxLoss(NUM_ITEMS, 3, TEMP, negatives="mixed", max_in_batch=2)
+    ids, none = capped.mixed_pool(in_batch, torch.Generator().manual_seed(0))
+    assert none is None and ids.shape == (1, 2 + 3)
+    with pytest.raises(ValueError, match="mixed"):
+        SampledSoftmaxLoss(NUM_ITEMS, 3, TEMP, item_frequency=freq)  # logQ belongs to the mixed pool
+
+
+def test_mixed_logq_corrected_loss_estimates_the_full_softmax():
+    """Monte Carlo: in-batch ids drawn by popularity plus uniform ids, corrected by
+    log(M * freq + R / N): the sampled loss averages to the exact softmax loss (fixed seeds);
+    without the correction it is far off."""
+    n, dim, temp, m, r = 30, 8, 0.5, 60, 60
+    torch.manual_seed(0)
+    table = torch.randn(n + 1, dim)
+    query = torch.randn(4, dim)
+    pos = torch.tensor([1, 7, 15, 30])
+    freq = torch.cat([torch.zeros(1), torch.softmax(torch.randn(n) * 1.5, 0)])  # skewed popularity
+    lookup = lambda ids: table[ids]  # noqa: E731
+    full = SampledSoftmaxLoss(n, r, temp, negatives="all")(query, pos, lookup).loss.item()
+    corrected = SampledSoftmaxLoss(n, r, temp, negatives="mixed", item_frequency=freq)
+    plain = SampledSoftmaxLoss(n, r, temp, negatives="mixed")
+    gen = torch.Generator().manual_seed(1)
+    trials = 400
+    sums = {"corrected": 0.0, "plain": 0.0}
+    for _ in range(trials):
+        in_batch = torch.multinomial(freq, m, replacement=True, generator=gen)
+        uniform = torch.randint(1, n + 1, (r,), generator=gen)
+        for name, fn in (("corrected", corrected), ("plain", plain)):
+            sums[name] += fn(query, pos, lookup, negative_ids=uniform, in_batch_ids=in_batch).loss.item()
+    mean_corrected, mean_plain = sums["corrected"] / trials, sums["plain"] / trials
+    assert mean_corrected == pytest.approx(full, rel=0.01)
+    assert abs(mean_plain - full) > 10 * abs(mean_corrected - full)

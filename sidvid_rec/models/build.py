@@ -114,6 +114,7 @@ def _build_cobra(cfg: Config, data: SequenceData, codebook: SemanticIdCodebook,
                  table_device: str) -> CobraRecommender:
     """The COBRA model over ``codebook``'s SIDs (cut to ``model.cobra_sid_layers``)."""
     m, loss = cfg.model, cfg.loss
+    _require_uniform_item_loss(cfg)
     if m.cobra_sid_layers < 0 or m.cobra_sid_layers > codebook.num_layers:
         raise ConfigError(f"model.cobra_sid_layers must lie in [0, {codebook.num_layers}], got {m.cobra_sid_layers}")
     codebook = codebook.truncated(m.cobra_sid_layers)
@@ -134,12 +135,34 @@ def _build_cobra(cfg: Config, data: SequenceData, codebook: SemanticIdCodebook,
                             sid_logq=loss.logq_correction, sid_dropout=m.cobra_sid_dropout)
 
 
+def _require_uniform_item_loss(cfg: Config) -> None:
+    """``loss.negatives`` and ``loss.label_smoothing`` shape the item softmax of the HSTU modes
+    (:func:`hstu_loss`); COBRA and ``sid_gen`` have losses of their own and refuse them."""
+    loss = cfg.loss
+    if loss.negatives != "uniform" or loss.label_smoothing:
+        raise ConfigError(f"loss.negatives={loss.negatives} / loss.label_smoothing={loss.label_smoothing}: "
+                          f"model.mode={cfg.model.mode} takes loss.negatives=uniform and no label smoothing "
+                          "(they apply to the id/sid/sid_id item softmax)")
+
+
 def _build_sid_gen(cfg: Config, codebook: SemanticIdCodebook, table_device: str) -> SidGenRecommender:
     """The ``sid_gen`` model over ``codebook``'s SIDs (disambiguation level included)."""
+    _require_uniform_item_loss(cfg)
     trie = SidTrie.from_codes(codebook.codes)  # refuses SIDs shared by two items
     embeddings = CodeTokenEmbeddings(sum(trie.level_sizes), cfg.model.dim, device=table_device)
     encoder = HSTUEncoder.from_params(encoder_params(cfg, trie.num_levels))
     return SidGenRecommender(embeddings, encoder, codebook.codes, temperature=cfg.loss.temperature)
+
+
+def hstu_loss(cfg: Config, data: SequenceData) -> SampledSoftmaxLoss:
+    """The item softmax of the HSTU modes: ``loss.negatives`` uniform / all / mixed (+ logQ)."""
+    loss = cfg.loss
+    mixed_logq = loss.negatives == "mixed" and loss.logq_correction
+    return SampledSoftmaxLoss(num_items=data.num_items, num_negatives=loss.num_negatives,
+                              temperature=loss.temperature, shared=loss.shared_negatives,
+                              negatives=loss.negatives, label_smoothing=loss.label_smoothing,
+                              item_frequency=training_item_frequency(cfg, data) if mixed_logq else None,
+                              max_in_batch=loss.max_in_batch)
 
 
 def build_model(cfg: Config, data: SequenceData, table_device: str = "meta") -> RecommenderModel:
@@ -151,8 +174,7 @@ def build_model(cfg: Config, data: SequenceData, table_device: str = "meta") -> 
     if generates_sids(cfg.model.mode):
         assert codebook is not None  # uses_sids(sid_gen)
         return _build_sid_gen(cfg, codebook, table_device)
-    loss = SampledSoftmaxLoss(num_items=data.num_items, num_negatives=cfg.loss.num_negatives,
-                              temperature=cfg.loss.temperature, shared=cfg.loss.shared_negatives)
+    loss = hstu_loss(cfg, data)
     return HSTURecommender(build_embeddings(cfg, data, codebook, table_device), build_encoder(cfg), loss)
 
 

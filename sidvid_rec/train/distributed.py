@@ -33,11 +33,12 @@ from torch import nn
 
 from sidvid_rec.config import Config, TrainConfig
 from sidvid_rec.data import SequenceData
+from sidvid_rec.errors import ConfigError
 from sidvid_rec.models.build import build_model
 from sidvid_rec.modules.embeddings import INIT_STD  # rows start as N(0, 0.02) truncated at 2 std
 from sidvid_rec.process_group import DistContext, collective_device
 from sidvid_rec.stack import require_fbgemm
-from sidvid_rec.train.optimizers import apply_embedding_optimizer, table_modules
+from sidvid_rec.train.optimizers import apply_embedding_optimizer, table_modules, tables_in_dense_optimizer
 from sidvid_rec.train.planner import check_world_size, sharding_plan
 
 require_fbgemm()
@@ -132,8 +133,17 @@ def distribute(model: nn.Module, cfg: TrainConfig, ctx: DistContext) -> Distribu
     rank, every lookup pads to equal bag counts (:func:`equalize_bag_counts`).
     """
     check_world_size(model, cfg.sharding, ctx.world_size, cfg.batch_size)
-    apply_embedding_optimizer(model, cfg.embedding_optimizer, cfg.embedding_lr, ctx.device)
-    plan = sharding_plan(model, cfg.sharding, ctx)
+    sharding = cfg.sharding
+    if tables_in_dense_optimizer(cfg.embedding_optimizer, ctx.device):
+        # No fused Adam on CPU: dense-kernel (data-parallel) tables, trained by the AdamW
+        # (optimizers.build_optimizers gives them train.embedding_lr).
+        if sharding not in ("auto", "data_parallel"):
+            raise ConfigError(f"train.embedding_optimizer=adam on CPU trains the tables with a dense kernel "
+                              f"(data-parallel); train.sharding={sharding} needs a fused kernel (use auto)")
+        sharding = "data_parallel"
+    else:
+        apply_embedding_optimizer(model, cfg.embedding_optimizer, cfg.embedding_lr, ctx.device)
+    plan = sharding_plan(model, sharding, ctx)
     ebc_paths = [name for name, m in model.named_modules() if m in table_modules(model)]
     env = ShardingEnv.from_process_group(torch.distributed.GroupMember.WORLD)
     dmp = DistributedModelParallel(model, env=env, device=ctx.device, plan=plan)

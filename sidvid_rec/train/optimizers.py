@@ -231,8 +231,34 @@ class TrainingOptimizers:
         self.fused.load_state_dict(state["fused"])
 
 
+def tables_in_dense_optimizer(name: EmbeddingOptimizer, device: Union[str, torch.device]) -> bool:
+    """Whether the tables are trained by the dense AdamW instead of a fused kernel: ``adam`` on
+    CPU, where fbgemm has no Adam kernel. The tables then take the dense (data-parallel) kernel,
+    with an ordinary gradient (PLATFORM.md: "EBC, dense kernel ... ordinary optimizer"), and the
+    AdamW updates every row each step, as the reference HSTU's dense Adam does."""
+    return name == "adam" and torch.device(device).type != "cuda"
+
+
+def _dense_kernel_table_names(model: nn.Module) -> List[str]:
+    """Names (in :func:`dense_parameters` order) of the table weights a dense kernel exposes as
+    ordinary parameters (DMP's data-parallel EBC sharding)."""
+    return [name for name, _ in dense_parameters(model) if ".embedding_bags." in state_key(name)]
+
+
 def build_optimizers(model: nn.Module, cfg: TrainConfig) -> TrainingOptimizers:
-    """AdamW over the dense parameters of a DMP model plus the fused table optimizer DMP built."""
+    """AdamW over the dense parameters of a DMP model plus the fused table optimizer DMP built.
+
+    With ``train.embedding_optimizer=adam`` and dense-kernel tables (:func:`tables_in_dense_optimizer`)
+    the table weights form a second AdamW group at ``train.embedding_lr`` (same betas and decay).
+    """
     names = [name for name, _ in dense_parameters(model)]
-    dense = dense_optimizer(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    return TrainingOptimizers(dense, model.fused_optimizer, names)
+    tables = set(_dense_kernel_table_names(model)) if cfg.embedding_optimizer == "adam" else set()
+    if not tables:
+        dense = dense_optimizer(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        return TrainingOptimizers(dense, model.fused_optimizer, names)
+    params = dict(dense_parameters(model))
+    order = [n for n in names if n not in tables] + [n for n in names if n in tables]
+    groups = [{"params": [params[n] for n in order if n not in tables], "lr": cfg.lr},
+              {"params": [params[n] for n in order if n in tables], "lr": cfg.embedding_lr}]
+    dense = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    return TrainingOptimizers(dense, model.fused_optimizer, order)

@@ -47,6 +47,7 @@ from sidvid_rec.process_group import DistContext, all_reduce_sum, barrier, init_
 from sidvid_rec.train import checkpoint as ckpt
 from sidvid_rec.train.distributed import build_sharded_model
 from sidvid_rec.train.optimizers import build_optimizers
+from sidvid_rec.train.schedule import build_schedule
 
 
 class _TqdmHandler(logging.Handler):
@@ -192,6 +193,9 @@ class Trainer:
         train_split = make_split(data, "train", cfg.data.protocol, cfg.data.max_len)
         self.batches = BatchIterator(train_split, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
                                      rank=ctx.rank, world_size=ctx.world_size)
+        # Warm-up / cosine lr (train/schedule.py); None for a constant lr. Built before a
+        # restore, so its base lr are the configured ones.
+        self.schedule = build_schedule(self.optimizers, cfg.train, len(self.batches))
         self.writer = None
 
     def start(self) -> None:
@@ -247,6 +251,8 @@ class Trainer:
         for index, batch in enumerate(prefetch_to_device(checked, ctx.device), start=position.batch):
             out = self.model(batch, generator=self.generator)
             scale = _global_mean_scale(out.num_positions, ctx)
+            if self.schedule is not None:  # before backward: the fused table update runs inside it
+                self.schedule.apply(state.step)
             self.optimizers.zero_grad()
             (out.loss * scale).backward()
             self.optimizers.step()
@@ -277,7 +283,8 @@ class Trainer:
         record = ckpt.CheckpointRecord(
             name=name, fingerprint=self.fingerprint, epoch=self.state.epoch, batch=position.batch,
             step=self.state.step, world_size=self.ctx.world_size, sharding=self.cfg.train.sharding,
-            train_state=asdict(self.state), extra={"loss_sum": position.loss_sum, "loss_count": position.loss_count},
+            train_state=asdict(self.state), extra={"loss_sum": position.loss_sum, "loss_count": position.loss_count,
+                                                   **({} if self.schedule is None else {"schedule": self.schedule.state()})},
             data_fingerprint=self.data_fingerprint,
         )
         ckpt.save_checkpoint(self.run_dir, self._checkpoint_state(), record, self.ctx, is_best=is_best)
@@ -309,6 +316,8 @@ class Trainer:
         if ctx.is_main:
             note = note if same_ranks else f"; {record.world_size} -> {ctx.world_size} ranks, random streams re-seeded"
             log.info(f"resumed from {path} (epoch {record.epoch}, batch {record.batch}, step {record.step}{note})")
+        if self.schedule is not None:
+            self.schedule.load_state(record.extra.get("schedule", {}))
         self.position = Position(record.batch, float(record.extra.get("loss_sum", 0.0)),
                                  float(record.extra.get("loss_count", 0.0)))
         self.state = TrainState(**record.train_state)
