@@ -12,12 +12,13 @@ from sidvid_rec import storage
 from sidvid_rec.cli import main
 
 TINY = ["data.max_len=20", "model.dim=18", "model.dqk=8", "model.dv=8", "model.num_blocks=1",
-        "loss.num_negatives=16", "train.batch_size=128", "train.epochs=1", "train.max_steps=3", "eval.batch_size=610"]
+        "loss.num_negatives=16", "train.batch_size=128", "train.epochs=1", "train.max_steps=3", "eval.batch_size=610",
+        "train.device=cpu"]
 COBRA_SIDS = ["sids.encoder=tfidf", "sids.tfidf_dim=16", "sids.codebook_size=8", "sids.layers=2",
               "sids.kmeans_iters=3", "sids.balance_iters=3"]
 COBRA = ["model.mode=cobra", "model.sid_dedup=true", "data.max_len=12", "model.dim=14", "model.dqk=8", "model.dv=8",
          "model.num_blocks=1", "train.batch_size=128", "train.epochs=1", "train.max_steps=3", "eval.ks=[1,10]",
-         "eval.batch_size=610", "eval.beam_size=3", "eval.beam_ann=20"]
+         "eval.batch_size=610", "eval.beam_size=3", "eval.beam_ann=20", "train.device=cpu"]
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ from sidvid_rec.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["data.max_len=20", "model.dim=18", "model.dqk=8", "model.dv=8", "model.num_blocks=1",
-        "loss.num_negatives=16", "train.batch_size=128", "train.epochs=1", "train.max_steps=3", "eval.batch_size=610"]
+        "loss.num_negatives=16", "train.batch_size=128", "train.epochs=1", "train.max_steps=3", "eval.batch_size=610",
+        "train.device=cpu"]
 
 
 @pytest.fixture(scope="module")
