@@ -24,7 +24,7 @@ Two ways to get each level's states, one signature (``kv_cache``):
   ``"length"`` divisor as in training), one encoder pass per beam column.
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -111,6 +111,28 @@ def _expand(scores: Tensor, logits: Tensor, children: Tensor, available: Optiona
     return top.values, parent, node
 
 
+def beam_over_codes(states_of, tables: GenerationTables, trie: SidTrie, batch: int, width: int,
+                    available=None) -> Tuple[Tensor, Tensor]:
+    """The trie-constrained beam over the ``L`` levels: ``(scores [B, w], leaf node [B, w])``,
+    best first (``w <= width``; dead beams score ``-inf``). ``states_of`` gives each level's
+    states (``.first [B, D]``, ``.next(level, tokens, parent_rows)``); ``available(level)``:
+    ``[B, M_l]`` nodes left after history filtering, or ``None``."""
+    device = states_of.first.device
+    scores = torch.zeros(batch, 1, device=device)
+    node = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the root
+    states, parent_rows = states_of.first, None
+    for level in range(trie.num_levels):
+        if level > 0:
+            tokens = trie.node_code[level - 1][node] + tables.level_offsets[level - 1]
+            states = states_of.next(level, tokens, parent_rows)
+        logits = tables.level_logits(states, level).view(batch, node.shape[1], -1)
+        scores, parent, node = _expand(scores, logits, trie.children[level][node],
+                                       None if available is None else available(level), width)
+        node = node.clamp(min=0)  # dead beams (score -inf, fewer valid prefixes than W) point anywhere
+        parent_rows = (parent + torch.arange(batch, device=device).unsqueeze(1) * logits.shape[1]).reshape(-1)
+    return scores, node
+
+
 @torch.no_grad()
 def sid_beam_search(encoder: nn.Module, tables: GenerationTables, trie: SidTrie, inputs: GenInputs, k: int,
                     beam: int = 0, kv_cache: bool = True, filter_history: bool = True) -> TopK:
@@ -124,18 +146,8 @@ def sid_beam_search(encoder: nn.Module, tables: GenerationTables, trie: SidTrie,
     levels, width = trie.num_levels, max(beam, k)
     states_of = (_CachedStates if kv_cache else _ReencodedStates)(encoder, tables, inputs, levels)
     batch = inputs.offsets.numel() - 1
-    scores = torch.zeros(batch, 1, device=device)
-    node = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the root
-    states, parent_rows = states_of.first, None
-    for level in range(levels):
-        if level > 0:
-            tokens = trie.node_code[level - 1][node] + tables.level_offsets[level - 1]
-            states = states_of.next(level, tokens, parent_rows)
-        logits = tables.level_logits(states, level).view(batch, node.shape[1], -1)
-        available = trie.available(level, inputs.history, inputs.history_offsets) if filter_history else None
-        scores, parent, node = _expand(scores, logits, trie.children[level][node], available, width)
-        node = node.clamp(min=0)  # dead beams (score -inf, fewer valid prefixes than W) point anywhere
-        parent_rows = (parent + torch.arange(batch, device=device).unsqueeze(1) * logits.shape[1]).reshape(-1)
+    available = (lambda level: trie.available(level, inputs.history, inputs.history_offsets)) if filter_history else None
+    scores, node = beam_over_codes(states_of, tables, trie, batch, width, available)
     items = torch.where(torch.isfinite(scores), trie.item_of_leaf[node.clamp(min=0)], MISSING_ID)
     items, scores = items[:, :k], scores[:, :k]
     if items.shape[1] < k:  # fewer SIDs than k in the whole trie
