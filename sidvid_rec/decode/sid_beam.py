@@ -95,12 +95,13 @@ class _ReencodedStates:
         return self._encode(self.prefix).reshape(-1, self.first.shape[-1])
 
 
-def _expand(scores: Tensor, logits: Tensor, children: Tensor, available: Optional[Tensor], width: int):
+def _expand(scores: Tensor, logits: Tensor, children: Tensor, allowed: Optional[Tensor], width: int):
     """One level: ``scores [B, w]`` of the beams, ``logits [B, w, K]``, ``children [B, w, K]``
-    nodes (-1 = no such prefix) -> ``(scores [B, w'], parent [B, w'], node [B, w'])``."""
+    nodes (-1 = no such prefix), ``allowed [B, w, K]`` (history filtering) or ``None``
+    -> ``(scores [B, w'], parent [B, w'], node [B, w'])``."""
     valid = children >= 0
-    if available is not None:
-        valid &= available.gather(1, children.clamp(min=0).flatten(1)).view_as(children)
+    if allowed is not None:
+        valid &= allowed
     masked = logits.masked_fill(~valid, float("-inf"))
     log_p = torch.log_softmax(masked, dim=2)
     log_p = torch.where(valid.any(dim=2, keepdim=True), log_p, torch.full_like(log_p, float("-inf")))
@@ -115,8 +116,8 @@ def beam_over_codes(states_of, tables: GenerationTables, trie: SidTrie, batch: i
                     available=None) -> Tuple[Tensor, Tensor]:
     """The trie-constrained beam over the ``L`` levels: ``(scores [B, w], leaf node [B, w])``,
     best first (``w <= width``; dead beams score ``-inf``). ``states_of`` gives each level's
-    states (``.first [B, D]``, ``.next(level, tokens, parent_rows)``); ``available(level)``:
-    ``[B, M_l]`` nodes left after history filtering, or ``None``."""
+    states (``.first [B, D]``, ``.next(level, tokens, parent_rows)``); ``available(level, nodes)``:
+    which of the level's ``nodes [B, w, K]`` have items left after history filtering, or ``None``."""
     device = states_of.first.device
     scores = torch.zeros(batch, 1, device=device)
     node = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the root
@@ -126,8 +127,9 @@ def beam_over_codes(states_of, tables: GenerationTables, trie: SidTrie, batch: i
             tokens = trie.node_code[level - 1][node] + tables.level_offsets[level - 1]
             states = states_of.next(level, tokens, parent_rows)
         logits = tables.level_logits(states, level).view(batch, node.shape[1], -1)
-        scores, parent, node = _expand(scores, logits, trie.children[level][node],
-                                       None if available is None else available(level), width)
+        children = trie.children[level][node]
+        allowed = None if available is None else available(level, children.clamp(min=0))
+        scores, parent, node = _expand(scores, logits, children, allowed, width)
         node = node.clamp(min=0)  # dead beams (score -inf, fewer valid prefixes than W) point anywhere
         parent_rows = (parent + torch.arange(batch, device=device).unsqueeze(1) * logits.shape[1]).reshape(-1)
     return scores, node
@@ -146,7 +148,10 @@ def sid_beam_search(encoder: nn.Module, tables: GenerationTables, trie: SidTrie,
     levels, width = trie.num_levels, max(beam, k)
     states_of = (_CachedStates if kv_cache else _ReencodedStates)(encoder, tables, inputs, levels)
     batch = inputs.offsets.numel() - 1
-    available = (lambda level: trie.available(level, inputs.history, inputs.history_offsets)) if filter_history else None
+    available = None
+    if filter_history:
+        def available(level: int, nodes: Tensor) -> Tensor:
+            return trie.available_nodes(level, nodes, inputs.history, inputs.history_offsets)
     scores, node = beam_over_codes(states_of, tables, trie, batch, width, available)
     items = torch.where(torch.isfinite(scores), trie.item_of_leaf[node.clamp(min=0)], MISSING_ID)
     items, scores = items[:, :k], scores[:, :k]
