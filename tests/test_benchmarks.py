@@ -130,5 +130,6 @@ def test_bench_sid_scale_tiny_run():
                             "--batch", "2", "--beam", "3", "--k", "3", "--in-process"])
     assert [r["items"] for r in rows] == [200, 400]
     keys = ("trie_build_s", "sid_gen_train_tokens_per_s", "sid_gen_beam_ms_per_user", "cobra_train_tokens_per_s",
-            "cobra_code_beam_ms_per_user", "cobra_beam_decoder_ms_per_user", "peak_rss_mb")
+            "cobra_code_beam_ms_per_user", "cobra_beam_decoder_ms_per_user", "cobra_code_head_us_per_position",
+            "peak_rss_mb")
     assert all(r[key] > 0 for r in rows for key in keys)

@@ -4,7 +4,9 @@ A decoder turns an evaluation batch into ``K`` distinct items per example, none 
 example's history (when filtering is on), best first. SIDs are scored as whole tuples against
 the catalogue of *valid* SIDs (``sid_table [S, D]``: the distinct code tuples of the item
 set), which plays the role of a trie over valid SIDs: no decoder can ever produce a SID that
-no item carries. Items are retrieved from a FAISS index over the VID vectors
+no item carries. With ``model.cobra_sid_head=codes`` the SIDs come instead from the codes head's
+beam over the trie of the valid SIDs (``DecodeContext.sid_beam``,
+:mod:`sidvid_rec.decode.code_sids`): valid by construction too. Items are retrieved from a FAISS index over the VID vectors
 (:class:`ItemSearcher`, implemented by :class:`~sidvid_rec.retrieval.VidIndex`; the
 decoders do not import the retrieval layer).
 

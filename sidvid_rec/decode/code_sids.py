@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from sidvid_rec.decode.sid_beam import _on, beam_over_codes
+from sidvid_rec.decode.sid_beam import beam_over_codes, trie_on
 from sidvid_rec.modules.code_head import SidCodeHead
 from sidvid_rec.semantic_ids.trie import SidTrie
 
@@ -62,7 +62,7 @@ class CodeSidBeam:
     def top_sids(self, states: Tensor, k: int) -> Tuple[Tensor, Tensor]:
         """``states [B, D]`` -> ``(log p [B, k'], SID index [B, k'])``, ``k' = min(k, S)``, best first."""
         if self.trie.item_of_leaf.device != states.device:
-            self.trie = _on(self.trie, states.device)
+            self.trie = trie_on(self.trie, states.device)
         width = min(k, self.num_sids)
         scores, node = beam_over_codes(_HeadStates(self.head, states), self.head.tables(), self.trie,
                                        states.shape[0], width)

@@ -144,7 +144,7 @@ def sid_beam_search(encoder: nn.Module, tables: GenerationTables, trie: SidTrie,
     """
     device = inputs.x.device
     if trie.item_of_leaf.device != device:
-        trie = _on(trie, device)
+        trie = trie_on(trie, device)
     levels, width = trie.num_levels, max(beam, k)
     states_of = (_CachedStates if kv_cache else _ReencodedStates)(encoder, tables, inputs, levels)
     batch = inputs.offsets.numel() - 1
@@ -162,7 +162,7 @@ def sid_beam_search(encoder: nn.Module, tables: GenerationTables, trie: SidTrie,
     return TopK(items, scores)
 
 
-def _on(trie: SidTrie, device: torch.device) -> SidTrie:
+def trie_on(trie: SidTrie, device: torch.device) -> SidTrie:
     """A copy of ``trie`` with its tensors on ``device`` (the caller's trie is left where it is)."""
     copy = SidTrie.__new__(SidTrie)
     copy.__dict__.update(trie.__dict__)

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sidvid_rec.data.batches import SequenceBatch
-from sidvid_rec.losses import CandidatePool, InfoNCELoss, LossOutput, SampledSoftmaxLoss
+from sidvid_rec.losses import CandidatePool, InfoNCELoss, LossOutput, SampledSoftmaxLoss, code_head_loss
 from sidvid_rec.modules.code_head import SidCodeHead
 from sidvid_rec.modules.embeddings import INIT_STD, ItemEmbeddings
 from sidvid_rec.modules.hstu import HSTUEncoder
@@ -229,12 +229,19 @@ class CobraRecommender(nn.Module):
         loss = sid_out.loss + self.vid_weight * vid_out.loss
         return CobraStepOutput(loss, sid_out.num_positions, sid_out.loss.detach(), vid_out.loss.detach())
 
+    def sid_codes_loss(self, query: Tensor, codes: Tensor) -> LossOutput:
+        """The codes head's ``-log p(SID)`` of target SIDs ``codes [P, L]`` given ``query [P, D]``."""
+        head = self.sid_head
+        assert head is not None, "model.cobra_sid_head=codes only"
+        return code_head_loss(head.teacher_forced(query, codes), codes, head.heads, head.level_offsets,
+                              head.temperature)
+
     def _sid_loss(self, query: Tensor, target_items: Tensor, generator: Optional[torch.Generator]) -> LossOutput:
         """Softmax in SID space of ``query [P, D]`` for the SIDs of ``target_items [P]``: exact
         over the valid SIDs, or sampled (items' negatives mapped to SIDs, collisions by SID)."""
         target_sids = self.sid_of_item[target_items]
         if self.sid_head is not None:  # L next-code softmaxes, teacher-forced on the target's codes
-            return self.sid_head.loss(query, self.sid_tuples[target_sids])
+            return self.sid_codes_loss(query, self.sid_tuples[target_sids])
         if self.sid_full_softmax:
             if target_sids.numel() == 0:
                 return self.sid_loss(query, target_sids, self.sid_vectors_of)  # the zero loss

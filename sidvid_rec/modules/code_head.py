@@ -11,7 +11,8 @@ decoding)::
 
 The output vectors ``heads``, the level blocks ``off_l`` and the logits are ``sid_gen``'s
 (:class:`~sidvid_rec.modules.sid_tokens.GenerationTables`, :func:`~sidvid_rec.losses.code_softmax_loss`),
-so training is the same per-level cross-entropy (summed over the levels: the SID's NLL) and decoding the same trie-constrained beam
+so training is the same per-level cross-entropy (summed over the levels: the SID's NLL;
+:func:`~sidvid_rec.losses.code_head_loss`) and decoding the same trie-constrained beam
 over codes (:mod:`sidvid_rec.decode.sid_beam`). The head costs ``L x K`` per position, not
 ``S``: it does not grow with the catalogue. It is plain torch (no TorchRec table), so an
 export rebuilds it from its dense weights.
@@ -22,7 +23,6 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from sidvid_rec.losses import LossOutput, code_softmax_loss
 from sidvid_rec.modules.sid_tokens import GenerationTables, level_offsets
 
 INIT_STD = 0.02
@@ -67,12 +67,3 @@ class SidCodeHead(nn.Module):
         before = torch.cumsum(rows, dim=1) - rows  # exclusive prefix sums: the codes of levels < l
         queries = states.unsqueeze(1) + before + self.level_emb.unsqueeze(0)
         return states.unsqueeze(1) + self.mlp(queries)
-
-    def loss(self, states: Tensor, codes: Tensor) -> LossOutput:
-        """``-log p(SID | state)`` of target SIDs ``codes [P, L]`` given ``states [P, D]``: the sum
-        of the ``L`` per-level cross-entropies, mean over positions (the whole-SID softmax's
-        scale: both are the SID's negative log-likelihood)."""
-        queries = self.teacher_forced(states, codes).reshape(-1, states.shape[-1])  # [P * L, D]
-        levels = torch.arange(self.num_levels, device=codes.device).repeat(codes.shape[0])
-        out = code_softmax_loss(queries, codes.reshape(-1), levels, self.heads, self.level_offsets, self.temperature)
-        return LossOutput(out.loss * self.num_levels, int(codes.shape[0]))  # mean over P * L rows -> sum over levels
