@@ -24,9 +24,9 @@ import yaml
 
 from sidvid_rec import storage
 from sidvid_rec.errors import ArtifactError, ConfigError
-from sidvid_rec.types import (AttentionScale, Balance, BeamFuse, DataFormat, DecoderKind, Device, EmbeddingOptimizer,
-                              Fusion, IndexKind, ItemNegatives, LrSchedule, ModelMode, Pooling, Precision, QueryTime,
-                              Sharding, SidMethod, SidSoftmax, SplitProtocol, VidNegatives)
+from sidvid_rec.types import (AttentionScale, Balance, BeamFuse, CobraSidHead, DataFormat, DecoderKind, Device,
+                              EmbeddingOptimizer, Fusion, IndexKind, ItemNegatives, LrSchedule, ModelMode, Pooling,
+                              Precision, QueryTime, Sharding, SidMethod, SidSoftmax, SplitProtocol, VidNegatives)
 
 T = TypeVar("T")
 
@@ -181,6 +181,10 @@ class ModelConfig:
     cobra_sid_dropout: float = 0.0
     """COBRA training: share of SID tokens whose vector is zeroed (type and position stay), so the
     VID query also learns to predict the item from the history alone."""
+    cobra_sid_head: CobraSidHead = "whole"
+    """COBRA next-SID head: ``whole`` (one softmax over the valid SIDs) or ``codes`` (``L``
+    next-code softmaxes, each level conditioned on the codes before it; decoders ``direct``,
+    ``neighbor`` and ``beam`` take their SIDs from a trie-constrained beam over codes)."""
 
 
 @dataclass
@@ -560,6 +564,9 @@ def _validate(cfg: Config) -> None:
     for name, rule in _RANGES.items():
         section, key = name.split(".")
         _check_range(name, getattr(getattr(cfg, section), key), rule)
+    if cfg.model.mode == "cobra" and cfg.model.cobra_sid_head == "codes" and cfg.eval.decoder == "soft":
+        raise ConfigError("eval.decoder=soft needs model.cobra_sid_head=whole; with model.cobra_sid_head=codes "
+                          "use direct, neighbor or beam")
     if SELECT_K not in cfg.eval.ks:
         raise ConfigError(f"eval.ks must include {SELECT_K} (validation ndcg@{SELECT_K} selects checkpoints "
                           f"and drives early stopping), got {cfg.eval.ks}")

@@ -434,3 +434,16 @@ def code_softmax_loss(query: torch.Tensor, target_codes: torch.Tensor, levels: t
         logits = normed[rows] @ keys.T / temperature  # [P_l, K_l]
         total = total + torch.nn.functional.cross_entropy(logits, target_codes[rows], reduction="sum")
     return LossOutput(total / query.shape[0], int(query.shape[0]))
+
+
+def code_head_loss(queries: torch.Tensor, codes: torch.Tensor, heads: torch.Tensor, level_offsets: torch.Tensor,
+                   temperature: float) -> LossOutput:
+    """``-log p(SID)`` of a code-by-code SID head: ``queries [P, L, D]`` (level ``l``'s query of
+    each position, teacher-forced on the target's codes before ``l``), target SIDs ``codes [P, L]``;
+    the sum of the ``L`` per-level cross-entropies (:func:`code_softmax_loss`), mean over positions
+    (the scale of a whole-SID softmax: both are the SID's negative log-likelihood)."""
+    positions, levels = codes.shape
+    level = torch.arange(levels, device=codes.device).repeat(positions)
+    out = code_softmax_loss(queries.reshape(positions * levels, -1), codes.reshape(-1), level, heads, level_offsets,
+                            temperature)
+    return LossOutput(out.loss * levels, int(positions))  # mean over P * L rows -> sum over the levels

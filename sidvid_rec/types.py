@@ -33,6 +33,10 @@ ResolvedPooling = Literal["mean", "last"]
 """A :data:`Pooling` after ``auto`` is resolved."""
 DecoderKind = Literal["direct", "neighbor", "soft", "beam"]
 """COBRA decoder."""
+CobraSidHead = Literal["whole", "codes"]
+"""COBRA's next-SID head: one softmax over the valid SIDs (``whole``), or ``L`` next-code
+softmaxes, level ``l`` conditioned on the codes before it (``codes``: ``L x K`` per position,
+whatever the catalogue size; decoded by a trie-constrained beam over codes)."""
 BeamFuse = Literal["prod", "sum", "softmax"]
 """How the ``beam`` decoder fuses SID and VID scores."""
 VidNegatives = Literal["in_batch", "in_batch_global", "queue"]

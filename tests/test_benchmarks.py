@@ -129,3 +129,20 @@ def test_bench_serve_requests_mix_malformed_kinds():
     assert all(len(body) > 4096 for k, body, _ in reqs if k == "too_large")
     assert percentile([float(i) for i in range(1, 101)], 50) == 50.0
     assert percentile([float(i) for i in range(1, 101)], 99) == 99.0
+
+
+def test_bench_sid_scale_tiny_run():
+    """benchmarks/bench_sid_scale.py on two tiny catalogues: every figure is there and positive,
+    the synthetic SIDs are distinct tuples."""
+    from benchmarks.bench_sid_scale import main as bench_sid_scale, unique_codes
+
+    codes = unique_codes(500, 3, 8, seed=1)
+    assert codes.shape == (501, 3) and np.unique(codes[1:], axis=0).shape[0] == 500 and codes.max() < 8
+    rows = bench_sid_scale(["--sizes", "200", "400", "--levels", "3", "--codebook-size", "8", "--dim", "8",
+                            "--history", "5", "--train-users", "3", "--warmup", "1", "--steps", "1", "--users", "4",
+                            "--batch", "2", "--beam", "3", "--k", "3", "--in-process"])
+    assert [r["items"] for r in rows] == [200, 400]
+    keys = ("trie_build_s", "sid_gen_train_tokens_per_s", "sid_gen_beam_ms_per_user", "cobra_train_tokens_per_s",
+            "cobra_code_beam_ms_per_user", "cobra_beam_decoder_ms_per_user", "cobra_code_head_us_per_position",
+            "peak_rss_mb")
+    assert all(r[key] > 0 for r in rows for key in keys)

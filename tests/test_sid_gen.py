@@ -106,6 +106,20 @@ def test_trie_available_drops_prefixes_whose_items_are_all_seen():
     assert not bool(avail[0, node]) and int(avail[0].sum()) == trie.num_nodes(1) - 1
 
 
+def test_trie_available_nodes_equals_the_dense_table():
+    """The sparse look-up the beam uses gives :meth:`SidTrie.available` at the asked nodes."""
+    codes = _codes()
+    trie = SidTrie.from_codes(codes)
+    gen = torch.Generator().manual_seed(3)
+    history = torch.randint(1, NUM_ITEMS + 1, (40,), generator=gen)
+    offsets = torch.tensor([0, 15, 15, 40])  # an empty history in the middle
+    for level in range(trie.num_levels):
+        dense = trie.available(level, history, offsets)
+        nodes = torch.randint(0, trie.num_nodes(level), (3, 4, 5), generator=gen)
+        expected = torch.stack([dense[b][nodes[b]] for b in range(3)])
+        assert torch.equal(trie.available_nodes(level, nodes, history, offsets), expected)
+
+
 def test_code_tokens_and_append_rows():
     token_of_item = torch.arange(3 * 5).view(5, 3)
     tokens = code_tokens(torch.tensor([1, 2, 3, 4]), torch.tensor([0, 3, 4]), token_of_item)

@@ -4,7 +4,9 @@ A decoder turns an evaluation batch into ``K`` distinct items per example, none 
 example's history (when filtering is on), best first. SIDs are scored as whole tuples against
 the catalogue of *valid* SIDs (``sid_table [S, D]``: the distinct code tuples of the item
 set), which plays the role of a trie over valid SIDs: no decoder can ever produce a SID that
-no item carries. Items are retrieved from a FAISS index over the VID vectors
+no item carries. With ``model.cobra_sid_head=codes`` the SIDs come instead from the codes head's
+beam over the trie of the valid SIDs (``DecodeContext.sid_beam``,
+:mod:`sidvid_rec.decode.code_sids`): valid by construction too. Items are retrieved from a FAISS index over the VID vectors
 (:class:`ItemSearcher`, implemented by :class:`~sidvid_rec.retrieval.VidIndex`; the
 decoders do not import the retrieval layer).
 
@@ -15,7 +17,7 @@ filter) and hand the batch to ``model.prepare``; so the batch is a
 """
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, Protocol, Tuple
+from typing import TYPE_CHECKING, NamedTuple, Optional, Protocol, Tuple
 
 import torch
 from torch import Tensor
@@ -41,6 +43,14 @@ class ItemSearcher(Protocol):
 
     def search_excluding(self, queries: Tensor, k: int, exclude_values: Tensor, exclude_offsets: Tensor) -> SearchHits:
         """Top-``k`` of each query with its jagged ``exclude_values`` / ``exclude_offsets [B+1]`` removed."""
+
+
+class SidRanker(Protocol):
+    """Top SIDs of next-SID states by a head other than the whole-SID softmax (the codes head:
+    :class:`~sidvid_rec.decode.code_sids.CodeSidBeam`)."""
+
+    def top_sids(self, states: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+        """``states [B, D]`` -> ``(log p [B, k'], SID index [B, k'])``, best first."""
 
 
 class CobraDecodingModel(Protocol):
@@ -78,6 +88,9 @@ class DecodeContext:
     """Search over the L2-normalised VID vectors of items 1..N (a FAISS index)."""
     settings: DecoderSettings
     filter_history: bool = True
+    sid_beam: Optional[SidRanker] = None
+    """``model.cobra_sid_head=codes``: the SID candidates come from this code beam, not from
+    ``sid_table``'s whole-SID logits (which the codes head has none of)."""
 
 
 class TopK(NamedTuple):
@@ -112,6 +125,23 @@ class DecodeState:
     def sid_logits(self) -> Tensor:
         """``[B, S]`` SID logits (cosine / temperature) of the next step over the valid SIDs."""
         return self.ctx.model.sid_logits(self.states, self.ctx.sid_table)
+
+    def top_sids(self, k: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(score [B, k'], log p [B, k'], SID index [B, k'])`` of the ``k' = min(k, S)`` best SIDs:
+        whole head: score = logit, ``log p`` = log-softmax over every valid SID; codes head: both
+        the code beam's sequence log-probability."""
+        if self.ctx.sid_beam is not None:
+            log_p, sids = self.ctx.sid_beam.top_sids(self.states, k)
+            return log_p, log_p, sids
+        logits = self.sid_logits()
+        values, sids = top_sids(logits, k)
+        return values, torch.log_softmax(logits, dim=1).gather(1, sids), sids
+
+    def best_sid(self) -> Tensor:
+        """``[B]`` the most likely next SID."""
+        if self.ctx.sid_beam is not None:
+            return self.top_sids(1)[2][:, 0]
+        return self.sid_logits().argmax(dim=1)
 
     def vid_queries(self, next_sids: Tensor) -> Tensor:
         """``[B, W, D]`` VID queries of ``W`` appended SID vectors per example (``next_sids [B, W, D]``)."""

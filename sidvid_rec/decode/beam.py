@@ -1,7 +1,8 @@
 """``beam``: top-k SIDs x ANN top-n items each, ranked by a fused SID/VID score.
 
 For each example: the ``beam_size`` best valid SIDs (SID logits ``s_j`` = cosine / temperature,
-``log p_sid(j)`` = log-softmax over *all* valid SIDs); for each SID ``j`` its VID query and
+``log p_sid(j)`` = log-softmax over *all* valid SIDs; with ``model.cobra_sid_head=codes`` the
+codes head's trie-constrained beam, ``s_j = log p_sid(j)`` its sequence log-probability); for each SID ``j`` its VID query and
 the ANN top ``n = max(beam_ann, K)`` items (history removed), VID logits ``v_ji`` = cosine /
 temperature, ``log p_vid(i | j)`` = log-softmax over SID ``j``'s ``n`` candidates (the model's
 ``P(item | history, SID j)``, its normaliser approximated by the retrieved items).
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from sidvid_rec.decode.base import DecodeContext, DecodeState, TopK, first_occurrence, retrieve, top_sids
+from sidvid_rec.decode.base import DecodeContext, DecodeState, TopK, first_occurrence, retrieve
 from sidvid_rec.types import MISSING_ID, BeamFuse
 
 if TYPE_CHECKING:  # torchrec-free at run time: an export decodes without the training stack
@@ -42,6 +43,13 @@ def fuse_scores(fuse: BeamFuse, sid_logits_all: Tensor, beam_sids: Tensor, vid_l
     """
     beam_logits = sid_logits_all.gather(1, beam_sids)  # [B, k]
     log_p_sid = torch.log_softmax(sid_logits_all, dim=1).gather(1, beam_sids)  # [B, k]
+    return fuse_beam_scores(fuse, beam_logits, log_p_sid, vid_logits, alpha, beta)
+
+
+def fuse_beam_scores(fuse: BeamFuse, beam_logits: Tensor, log_p_sid: Tensor, vid_logits: Tensor,
+                     alpha: float, beta: float) -> Tensor:
+    """Fused scores ``[B, k, n]`` from the beams' SID scores ``beam_logits [B, k]`` (the
+    ``softmax`` fusion's ``s_j``) and ``log_p_sid [B, k]`` (``prod``/``sum``), and ``vid_logits [B, k, n]``."""
     log_p_vid = torch.log_softmax(vid_logits, dim=2)  # [B, k, n], per SID
     if fuse == "prod":
         return alpha * log_p_sid.unsqueeze(2) + (1.0 - alpha) * log_p_vid
@@ -72,8 +80,7 @@ def rank_candidates(items: Tensor, fused: Tensor, tie_break: Tensor, k: int) -> 
 def decode_beam(ctx: DecodeContext, batch: "SequenceBatch", k: int) -> TopK:
     s = ctx.settings
     state = DecodeState(ctx, batch)
-    logits = state.sid_logits()  # [B, S]
-    _, beam_sids = top_sids(logits, s.beam_size)  # [B, k_b]
+    beam_logits, log_p_sid, beam_sids = state.top_sids(s.beam_size)  # [B, k_b] each
     per_beam = max(s.beam_ann, k)
     queries = state.vid_queries(ctx.sid_table[beam_sids])  # [B, k_b, D]: one cached step for all beams
     items, vid_logits = [], []
@@ -83,7 +90,7 @@ def decode_beam(ctx: DecodeContext, batch: "SequenceBatch", k: int) -> TopK:
         vid_logits.append(hits.scores / ctx.model.temperature)
     items_t = torch.stack(items, dim=1)  # [B, k_b, n]
     vid_t = torch.stack(vid_logits, dim=1)  # [B, k_b, n]
-    fused = fuse_scores(s.beam_fuse, logits, beam_sids, vid_t, s.alpha, s.beta)
+    fused = fuse_beam_scores(s.beam_fuse, beam_logits, log_p_sid, vid_t, s.alpha, s.beta)
     batch_size = items_t.shape[0]
     return rank_candidates(items_t.reshape(batch_size, -1), fused.reshape(batch_size, -1),
                            vid_t.reshape(batch_size, -1), k)

@@ -15,6 +15,6 @@ if TYPE_CHECKING:  # torchrec-free at run time: an export decodes without the tr
 def decode_direct(ctx: DecodeContext, batch: "SequenceBatch", k: int) -> TopK:
     """``k`` items per example of ``batch`` (``TopK.items [B, k]``)."""
     state = DecodeState(ctx, batch)
-    best = state.sid_logits().argmax(dim=1)  # [B]
+    best = state.best_sid()  # [B]: whole-SID argmax or the code beam's top-1
     queries = state.vid_queries(ctx.sid_table[best].unsqueeze(1))[:, 0]  # [B, D]
     return as_topk(retrieve(ctx, batch, queries, k))

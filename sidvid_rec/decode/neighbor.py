@@ -28,7 +28,7 @@ def nearest_other_sid(sid_table: Tensor, sids: Tensor) -> Tensor:
 
 def decode_neighbor(ctx: DecodeContext, batch: "SequenceBatch", k: int) -> TopK:
     state = DecodeState(ctx, batch)
-    best = state.sid_logits().argmax(dim=1)
+    best = state.best_sid()  # [B]: whole-SID argmax or the code beam's top-1
     neighbor = nearest_other_sid(ctx.sid_table, best)
     queries = state.vid_queries(ctx.sid_table[neighbor].unsqueeze(1))[:, 0]
     return as_topk(retrieve(ctx, batch, queries, k))

@@ -24,7 +24,7 @@ Two ways to get each level's states, one signature (``kv_cache``):
   ``"length"`` divisor as in training), one encoder pass per beam column.
 """
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -95,12 +95,13 @@ class _ReencodedStates:
         return self._encode(self.prefix).reshape(-1, self.first.shape[-1])
 
 
-def _expand(scores: Tensor, logits: Tensor, children: Tensor, available: Optional[Tensor], width: int):
+def _expand(scores: Tensor, logits: Tensor, children: Tensor, allowed: Optional[Tensor], width: int):
     """One level: ``scores [B, w]`` of the beams, ``logits [B, w, K]``, ``children [B, w, K]``
-    nodes (-1 = no such prefix) -> ``(scores [B, w'], parent [B, w'], node [B, w'])``."""
+    nodes (-1 = no such prefix), ``allowed [B, w, K]`` (history filtering) or ``None``
+    -> ``(scores [B, w'], parent [B, w'], node [B, w'])``."""
     valid = children >= 0
-    if available is not None:
-        valid &= available.gather(1, children.clamp(min=0).flatten(1)).view_as(children)
+    if allowed is not None:
+        valid &= allowed
     masked = logits.masked_fill(~valid, float("-inf"))
     log_p = torch.log_softmax(masked, dim=2)
     log_p = torch.where(valid.any(dim=2, keepdim=True), log_p, torch.full_like(log_p, float("-inf")))
@@ -109,6 +110,29 @@ def _expand(scores: Tensor, logits: Tensor, children: Tensor, available: Optiona
     parent = torch.div(top.indices, logits.shape[2], rounding_mode="floor")
     node = children.flatten(1).gather(1, top.indices)
     return top.values, parent, node
+
+
+def beam_over_codes(states_of, tables: GenerationTables, trie: SidTrie, batch: int, width: int,
+                    available=None) -> Tuple[Tensor, Tensor]:
+    """The trie-constrained beam over the ``L`` levels: ``(scores [B, w], leaf node [B, w])``,
+    best first (``w <= width``; dead beams score ``-inf``). ``states_of`` gives each level's
+    states (``.first [B, D]``, ``.next(level, tokens, parent_rows)``); ``available(level, nodes)``:
+    which of the level's ``nodes [B, w, K]`` have items left after history filtering, or ``None``."""
+    device = states_of.first.device
+    scores = torch.zeros(batch, 1, device=device)
+    node = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the root
+    states, parent_rows = states_of.first, None
+    for level in range(trie.num_levels):
+        if level > 0:
+            tokens = trie.node_code[level - 1][node] + tables.level_offsets[level - 1]
+            states = states_of.next(level, tokens, parent_rows)
+        logits = tables.level_logits(states, level).view(batch, node.shape[1], -1)
+        children = trie.children[level][node]
+        allowed = None if available is None else available(level, children.clamp(min=0))
+        scores, parent, node = _expand(scores, logits, children, allowed, width)
+        node = node.clamp(min=0)  # dead beams (score -inf, fewer valid prefixes than W) point anywhere
+        parent_rows = (parent + torch.arange(batch, device=device).unsqueeze(1) * logits.shape[1]).reshape(-1)
+    return scores, node
 
 
 @torch.no_grad()
@@ -120,22 +144,15 @@ def sid_beam_search(encoder: nn.Module, tables: GenerationTables, trie: SidTrie,
     """
     device = inputs.x.device
     if trie.item_of_leaf.device != device:
-        trie = _on(trie, device)
+        trie = trie_on(trie, device)
     levels, width = trie.num_levels, max(beam, k)
     states_of = (_CachedStates if kv_cache else _ReencodedStates)(encoder, tables, inputs, levels)
     batch = inputs.offsets.numel() - 1
-    scores = torch.zeros(batch, 1, device=device)
-    node = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the root
-    states, parent_rows = states_of.first, None
-    for level in range(levels):
-        if level > 0:
-            tokens = trie.node_code[level - 1][node] + tables.level_offsets[level - 1]
-            states = states_of.next(level, tokens, parent_rows)
-        logits = tables.level_logits(states, level).view(batch, node.shape[1], -1)
-        available = trie.available(level, inputs.history, inputs.history_offsets) if filter_history else None
-        scores, parent, node = _expand(scores, logits, trie.children[level][node], available, width)
-        node = node.clamp(min=0)  # dead beams (score -inf, fewer valid prefixes than W) point anywhere
-        parent_rows = (parent + torch.arange(batch, device=device).unsqueeze(1) * logits.shape[1]).reshape(-1)
+    available = None
+    if filter_history:
+        def available(level: int, nodes: Tensor) -> Tensor:
+            return trie.available_nodes(level, nodes, inputs.history, inputs.history_offsets)
+    scores, node = beam_over_codes(states_of, tables, trie, batch, width, available)
     items = torch.where(torch.isfinite(scores), trie.item_of_leaf[node.clamp(min=0)], MISSING_ID)
     items, scores = items[:, :k], scores[:, :k]
     if items.shape[1] < k:  # fewer SIDs than k in the whole trie
@@ -145,7 +162,7 @@ def sid_beam_search(encoder: nn.Module, tables: GenerationTables, trie: SidTrie,
     return TopK(items, scores)
 
 
-def _on(trie: SidTrie, device: torch.device) -> SidTrie:
+def trie_on(trie: SidTrie, device: torch.device) -> SidTrie:
     """A copy of ``trie`` with its tensors on ``device`` (the caller's trie is left where it is)."""
     copy = SidTrie.__new__(SidTrie)
     copy.__dict__.update(trie.__dict__)

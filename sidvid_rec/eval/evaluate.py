@@ -32,6 +32,7 @@ from sidvid_rec.config import Config, DecoderSettings, narrow
 from sidvid_rec.data import Split
 from sidvid_rec.data.batches import BatchIterator, prefetch_to_device
 from sidvid_rec.decode import DecodeContext, DecoderKind, decode
+from sidvid_rec.decode.code_sids import CodeSidBeam
 from sidvid_rec.decode.sid_beam import sid_beam_search
 from sidvid_rec.eval.metrics import RankMetrics
 from sidvid_rec.eval.ranking import evaluate_ranking, summarize
@@ -75,11 +76,14 @@ def evaluate_decoder(kind: DecoderKind, ctx: DecodeContext, batches: Iterable["S
 @torch.no_grad()
 def cobra_decode_context(model: CobraRecommender, cfg: Config) -> DecodeContext:
     """The decoders' context of a trained COBRA model: its SID table, a FAISS index over its
-    VID vectors (``retrieval`` settings) and the ``eval`` decoder settings."""
+    VID vectors (``retrieval`` settings) and the ``eval`` decoder settings; with the codes head
+    its code beam over the valid SIDs' trie."""
     sid_table, vid_table = model.decoding_tables()
     ids = torch.arange(1, vid_table.shape[0], dtype=torch.int64)
     index = VidIndex.from_config(vid_table[1:], ids, cfg.retrieval)
-    return DecodeContext(model, sid_table, index, narrow(cfg.eval, DecoderSettings), cfg.eval.filter_history)
+    sid_beam = None if model.sid_head is None else CodeSidBeam(model.sid_head, model.sid_tuples)
+    return DecodeContext(model, sid_table, index, narrow(cfg.eval, DecoderSettings), cfg.eval.filter_history,
+                         sid_beam)
 
 
 def evaluate_cobra(model: CobraRecommender, batches: Iterable["SequenceBatch"], cfg: Config,

@@ -9,7 +9,9 @@ tensors (no TorchRec tables, no model class):
   a history item's SID token: ``sid_vectors[sid_of_item[item]]``);
 * ``sid_of_item [N+1]``: index of each item's SID among the valid SIDs (-1 for padding);
 * ``type_emb.weight [2, D]`` and the HSTU encoder's weights (``dense.safetensors``);
-* the FAISS index over the L2-normalised VID vectors (``index.faiss``).
+* the FAISS index over the L2-normalised VID vectors (``index.faiss``);
+* with ``model.cobra_sid_head=codes`` (manifest ``cobra.sid_head``): ``sid_tuples [S, L]``
+  (each valid SID's codes: the trie) and the head's weights ``sid_head.*`` in ``dense.safetensors``.
 
 :class:`ExportedCobra` implements :class:`~sidvid_rec.decode.base.CobraDecodingModel` on them
 with the model's own building blocks (:mod:`sidvid_rec.modules.interleave` for the token
@@ -32,8 +34,10 @@ import torch
 from torch import Tensor
 
 from sidvid_rec.config import DecoderSettings
-from sidvid_rec.decode import DECODERS, DecodeContext, TopK, decode
+from sidvid_rec.decode import DECODERS, DecodeContext, TopK, check_codes_head_decoder, decode
+from sidvid_rec.decode.code_sids import CodeSidBeam
 from sidvid_rec.errors import ArtifactError, ConfigError, DataError
+from sidvid_rec.modules.code_head import SID_HEAD_PREFIX, SidCodeHead
 from sidvid_rec.modules.hstu import HSTUEncoder
 from sidvid_rec.modules.interleave import (CobraCache, DecodeInputs, append_step, encode_history_cached,
                                            interleave_layout, next_sid_states, sid_logits, vid_queries,
@@ -186,6 +190,8 @@ class CobraRetriever:
         kind = self.default_decoder if decoder is None else decoder
         if kind not in DECODERS:
             raise ConfigError(f"unknown decoder {kind!r}; choose one of {', '.join(DECODERS)}")
+        if self.context.sid_beam is not None:
+            check_codes_head_decoder(kind)
         return decode(kind, self.context, batch, k)  # type: ignore[arg-type]
 
 
@@ -193,10 +199,31 @@ class CobraRetriever:
 
 
 def cobra_manifest_section(max_len: int, query_time: str, temperature: float, decoder: str,
-                           settings: DecoderSettings) -> Dict[str, Any]:
-    """The manifest's ``cobra`` section (written by the export, read by :func:`load_cobra`)."""
-    return {"max_len": max_len, "query_time": query_time, "temperature": temperature, "decoder": decoder,
-            "decoder_settings": dataclasses.asdict(settings)}
+                           settings: DecoderSettings, sid_head: str = "whole") -> Dict[str, Any]:
+    """The manifest's ``cobra`` section (written by the export, read by :func:`load_cobra`);
+    ``sid_head`` only when it is ``codes`` (older exports have none: the whole-SID head)."""
+    section = {"max_len": max_len, "query_time": query_time, "temperature": temperature, "decoder": decoder,
+               "decoder_settings": dataclasses.asdict(settings)}
+    if sid_head != "whole":
+        section["sid_head"] = sid_head
+    return section
+
+
+def load_code_head(dense: Dict[str, Tensor], vectors: Dict[str, Tensor], dim: int, temperature: float) -> CodeSidBeam:
+    """The codes head (weights ``sid_head.*`` of ``dense``) and its beam over ``sid_tuples``."""
+    if "sid_tuples" not in vectors:
+        raise ArtifactError("this COBRA export (cobra_sid_head=codes) lacks sid_tuples; run `sidvid-rec export` again")
+    tuples = vectors["sid_tuples"].long()
+    if tuples.ndim != 2 or tuples.shape[0] != vectors["sid_vectors"].shape[0] or int(tuples.min()) < 0:
+        raise ArtifactError(f"export: sid_tuples {tuple(tuples.shape)} does not fit sid_vectors "
+                            f"{tuple(vectors['sid_vectors'].shape)}")
+    head = SidCodeHead((tuples.max(dim=0).values + 1).tolist(), dim, temperature=temperature)
+    weights = {k[len(SID_HEAD_PREFIX):]: v for k, v in dense.items() if k.startswith(SID_HEAD_PREFIX)}
+    try:
+        head.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ArtifactError(f"export: the codes head's weights do not fit its SIDs ({str(e).splitlines()[0][:160]})")
+    return CodeSidBeam(head.eval(), tuples)
 
 
 def _settings(raw: Dict[str, Any]) -> DecoderSettings:
@@ -240,5 +267,9 @@ def load_cobra(manifest: Dict[str, Any], encoder: HSTUEncoder, dense: Dict[str, 
                           vectors["sid_of_item"].long(), temperature=float(section["temperature"]),
                           query_time=section["query_time"], max_len=int(section["max_len"]))
     settings = _settings(section.get("decoder_settings", {}))
-    context = DecodeContext(model, vectors["sid_vectors"], index, settings, filter_history)
+    head = section.get("sid_head", "whole")
+    if head not in ("whole", "codes"):
+        raise ArtifactError(f"export manifest: COBRA sid_head {head!r} is not whole or codes")
+    sid_beam = load_code_head(dense, vectors, encoder.dim, model.temperature) if head == "codes" else None
+    context = DecodeContext(model, vectors["sid_vectors"], index, settings, filter_history, sid_beam)
     return CobraRetriever(context, section.get("decoder", "direct"))

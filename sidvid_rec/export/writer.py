@@ -110,7 +110,7 @@ def _cobra_section(cfg: Config, module: torch.nn.Module) -> Dict[str, Any]:
     """The manifest's ``cobra`` section: what decoding needs besides the tensors (the model's
     own temperature and query-time rule, the history length, the run's decoder defaults)."""
     return cobra_manifest_section(cfg.data.max_len, module.query_time, module.temperature, cfg.eval.decoder,
-                                  narrow(cfg.eval, DecoderSettings))
+                                  narrow(cfg.eval, DecoderSettings), sid_head=cfg.model.cobra_sid_head)
 
 
 def export_run(run_dir: str, out: str, checkpoint: str = "best", overrides: Sequence[str] = ()) -> Dict[str, Any]:

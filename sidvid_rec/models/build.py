@@ -132,7 +132,8 @@ def _build_cobra(cfg: Config, data: SequenceData, codebook: SemanticIdCodebook,
     text = item_text_embeddings(cfg, data) if m.text_projection else None
     return CobraRecommender(embeddings, encoder, sid_loss, vid_loss, codebook.codes, vid_weight=loss.vid_weight, temperature=loss.temperature,
                             query_time=m.cobra_query_time, text_embeddings=text, sid_full_softmax=sid_full,
-                            sid_logq=loss.logq_correction, sid_dropout=m.cobra_sid_dropout)
+                            sid_logq=loss.logq_correction, sid_dropout=m.cobra_sid_dropout,
+                            sid_head=m.cobra_sid_head)
 
 
 def _require_uniform_item_loss(cfg: Config) -> None:

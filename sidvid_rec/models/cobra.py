@@ -15,6 +15,12 @@ Training step (S = steps of the batch, B = sequences, T2 = 2 S - B tokens)::
            dedup, SID entries masked by is_sid; + global negatives or a memory queue)
     L = L_sid + vid_weight * L_vid                           (one backward)
 
+With ``model.cobra_sid_head=codes`` L_sid is instead the per-level cross-entropy of ``L``
+next-code softmaxes (:class:`~sidvid_rec.modules.code_head.SidCodeHead`: level ``l`` from the
+state and the target's codes of levels < l), ``L x K`` per position whatever the catalogue
+size; decoders take their SIDs from a trie-constrained beam over codes
+(:mod:`sidvid_rec.decode.code_sids`). The tokens and the VID side are unchanged.
+
 SIDs are scored as whole tuples against the valid SIDs (the distinct code tuples of the
 item set), so a decoder can never produce an invalid SID; a SID's vector is the prefixN sum
 of any of its items (identical for all of them). With ``model.sid_dedup`` the tuples end with
@@ -36,11 +42,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sidvid_rec.data.batches import SequenceBatch
-from sidvid_rec.losses import CandidatePool, InfoNCELoss, LossOutput, SampledSoftmaxLoss
+from sidvid_rec.losses import CandidatePool, InfoNCELoss, LossOutput, SampledSoftmaxLoss, code_head_loss
+from sidvid_rec.modules.code_head import SidCodeHead
 from sidvid_rec.modules.embeddings import INIT_STD, ItemEmbeddings
 from sidvid_rec.modules.hstu import HSTUEncoder
 from sidvid_rec.semantic_ids.codebook import sid_catalog
-from sidvid_rec.types import QueryTime
+from sidvid_rec.types import CobraSidHead, QueryTime
 from sidvid_rec.modules.interleave import (CobraCache, DecodeInputs, TokenLayout, append_step, encode_history_cached,
                                            encode_tokens, interleave_layout, next_sid_states, sid_logits, supervision,
                                            vid_queries, vid_queries_cached)
@@ -81,12 +88,16 @@ class CobraRecommender(nn.Module):
             its over-representation among the draws (``items with that SID / mean items per SID``).
         sid_dropout: in training, zero this share of the steps' SID token vectors (the type
             embedding and position stay), so the VID query also learns from the history alone.
+        sid_head: ``whole`` (the SID softmax above) or ``codes``: a
+            :class:`~sidvid_rec.modules.code_head.SidCodeHead` (``L`` next-code softmaxes,
+            per-level cross-entropy; ``sid_full_softmax``/``sid_logq`` then do not apply).
     """
 
     def __init__(self, embeddings: ItemEmbeddings, encoder: HSTUEncoder, sid_loss: SampledSoftmaxLoss,
                  vid_loss: InfoNCELoss, codes: np.ndarray, vid_weight: float = 1.0, temperature: float = 0.05,
                  query_time: QueryTime = "target", text_embeddings: Optional[Tensor] = None,
-                 sid_full_softmax: bool = False, sid_logq: bool = False, sid_dropout: float = 0.0) -> None:
+                 sid_full_softmax: bool = False, sid_logq: bool = False, sid_dropout: float = 0.0,
+                 sid_head: CobraSidHead = "whole") -> None:
         super().__init__()
         if embeddings.mode != "cobra":
             raise ValueError(f"CobraRecommender needs embeddings in mode 'cobra', got {embeddings.mode!r}")
@@ -116,6 +127,14 @@ class CobraRecommender(nn.Module):
             self.register_buffer("text_embeddings", text_embeddings.float(), persistent=False)
             self.text_proj = nn.Linear(text_embeddings.shape[1], dim, bias=False)
             nn.init.normal_(self.text_proj.weight, std=INIT_STD)
+        if sid_head not in ("whole", "codes"):
+            raise ValueError(f"sid_head must be 'whole' or 'codes', got {sid_head!r}")
+        self.sid_head: Optional[SidCodeHead] = None
+        if sid_head == "codes":
+            tuples = torch.as_tensor(np.asarray(codes), dtype=torch.int64)[catalog.sid_items]  # [S, L]
+            self.register_buffer("sid_tuples", tuples, persistent=False)
+            sizes = (tuples.max(dim=0).values + 1).tolist()
+            self.sid_head = SidCodeHead(sizes, dim, temperature=temperature)
 
     @property
     def num_items(self) -> int:
@@ -154,11 +173,15 @@ class CobraRecommender(nn.Module):
         """What an export holds: ``inputs [N+1, D]`` (VID vectors, a history item's VID token),
         ``candidates [N+1, D]`` (L2-normalised VID vectors: what FAISS indexes),
         ``sid_vectors [S, D]`` (one per valid SID: what a decoder appends, a history item's SID
-        token) and ``sid_of_item [N+1]`` (each item's SID index, -1 for padding)."""
+        token) and ``sid_of_item [N+1]`` (each item's SID index, -1 for padding); with the codes
+        head also ``sid_tuples [S, L]`` (each valid SID's codes)."""
         sid_table, candidates = self.decoding_tables()
         inputs = self.vid_vectors(torch.arange(self.num_items + 1))
-        return {"inputs": inputs.contiguous(), "candidates": candidates.contiguous(),
-                "sid_vectors": sid_table.contiguous(), "sid_of_item": self.sid_of_item.contiguous()}
+        out = {"inputs": inputs.contiguous(), "candidates": candidates.contiguous(),
+               "sid_vectors": sid_table.contiguous(), "sid_of_item": self.sid_of_item.contiguous()}
+        if self.sid_head is not None:  # the codes head's trie: each valid SID's codes
+            out["sid_tuples"] = self.sid_tuples.contiguous()
+        return out
 
     def sid_logits(self, states: Tensor, sid_table: Tensor) -> Tensor:
         """``states [B, D]`` x ``sid_table [S, D]`` -> cosine / temperature ``[B, S]``."""
@@ -206,10 +229,19 @@ class CobraRecommender(nn.Module):
         loss = sid_out.loss + self.vid_weight * vid_out.loss
         return CobraStepOutput(loss, sid_out.num_positions, sid_out.loss.detach(), vid_out.loss.detach())
 
+    def sid_codes_loss(self, query: Tensor, codes: Tensor) -> LossOutput:
+        """The codes head's ``-log p(SID)`` of target SIDs ``codes [P, L]`` given ``query [P, D]``."""
+        head = self.sid_head
+        assert head is not None, "model.cobra_sid_head=codes only"
+        return code_head_loss(head.teacher_forced(query, codes), codes, head.heads, head.level_offsets,
+                              head.temperature)
+
     def _sid_loss(self, query: Tensor, target_items: Tensor, generator: Optional[torch.Generator]) -> LossOutput:
         """Softmax in SID space of ``query [P, D]`` for the SIDs of ``target_items [P]``: exact
         over the valid SIDs, or sampled (items' negatives mapped to SIDs, collisions by SID)."""
         target_sids = self.sid_of_item[target_items]
+        if self.sid_head is not None:  # L next-code softmaxes, teacher-forced on the target's codes
+            return self.sid_codes_loss(query, self.sid_tuples[target_sids])
         if self.sid_full_softmax:
             if target_sids.numel() == 0:
                 return self.sid_loss(query, target_sids, self.sid_vectors_of)  # the zero loss

@@ -41,8 +41,6 @@ class SidTrie:
         real = codes[1:].astype(np.int64)
         if real.min() < 0:
             raise DataError(f"SID codes must be non-negative, found {int(real.min())}")
-        if np.unique(real, axis=0).shape[0] != real.shape[0]:
-            raise DataError("two items share a SID: SID generation needs the disambiguation level (sids dedup)")
         self.num_items = real.shape[0]
         self.num_levels = real.shape[1]
         self.level_sizes: List[int] = [int(real[:, level].max()) + 1 for level in range(self.num_levels)]
@@ -63,6 +61,8 @@ class SidTrie:
             self.node_code.append(torch.from_numpy(keys % size))
             self.items_under.append(torch.from_numpy(counts.astype(np.int64)))
             parent, num_parents = node, keys.size
+        if num_parents != self.num_items:  # fewer full SIDs than items (vectorised: no row-wise unique)
+            raise DataError("two items share a SID: SID generation needs the disambiguation level (sids dedup)")
         leaf = np.empty(num_parents, dtype=np.int64)
         leaf[parent] = np.arange(1, self.num_items + 1)
         self.item_of_leaf = torch.from_numpy(leaf)
@@ -88,6 +88,27 @@ class SidTrie:
         seen = torch.zeros(batch, self.num_nodes(level), dtype=torch.int64, device=history.device)
         seen.index_put_((user[real], node[real]), torch.ones_like(node[real]), accumulate=True)
         return seen < self.items_under[level].to(history.device).unsqueeze(0)
+
+    def available_nodes(self, level: int, nodes: Tensor, history: Tensor, history_offsets: Tensor) -> Tensor:
+        """``nodes [B, ...]`` level-``l`` nodes (one row per example) -> bool of the same shape:
+        :meth:`available` at just those nodes, without a ``[B, M_l]`` table (the cost follows the
+        history and the nodes asked for, not the catalogue)."""
+        batch, device = nodes.shape[0], nodes.device
+        lengths = history_offsets[1:] - history_offsets[:-1]
+        user = torch.repeat_interleave(torch.arange(batch, device=device), lengths.to(device))
+        pairs = torch.unique(user * (self.num_items + 1) + history.to(device).long())  # distinct (user, item)
+        user, item = pairs // (self.num_items + 1), pairs % (self.num_items + 1)
+        node = self.node_of_item[level][item]
+        real = node >= 0
+        keys, counts = torch.unique(user[real] * self.num_nodes(level) + node[real], return_counts=True)
+        under = self.items_under[level][nodes]
+        if keys.numel() == 0:
+            return torch.ones_like(under, dtype=torch.bool)
+        rows = torch.arange(batch, device=device).view(batch, *([1] * (nodes.dim() - 1)))
+        query = (rows * self.num_nodes(level) + nodes).reshape(-1)
+        pos = torch.searchsorted(keys, query).clamp(max=keys.numel() - 1)
+        seen = torch.where(keys[pos] == query, counts[pos], torch.zeros_like(counts[pos]))
+        return seen.view_as(nodes) < under
 
     def to(self, device: torch.device) -> "SidTrie":
         """Moves every tensor to ``device`` (in place); returns self."""

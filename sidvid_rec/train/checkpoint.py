@@ -85,9 +85,17 @@ _DATA_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*\.dcp$")
 """A data directory is a plain name inside ``checkpoints/`` (a record cannot point elsewhere)."""
 
 
+FINGERPRINT_ADDED_KEYS = {"cobra_sid_head": "whole"}
+"""``model.*`` keys added after runs were fingerprinted, each with the value that means the old
+behaviour: at that value a key is left out of the hash, so the runs written before it keep
+their fingerprints (and their checkpoints load); any other value is hashed as usual."""
+
+
 def model_fingerprint(cfg: Config, num_items: int) -> str:
     """Hash of everything that decides parameter shapes and meaning."""
-    shape = {"model": cfg.model.__dict__, "num_items": num_items, "max_len": cfg.data.max_len,
+    model = {key: value for key, value in cfg.model.__dict__.items()
+             if key not in FINGERPRINT_ADDED_KEYS or value != FINGERPRINT_ADDED_KEYS[key]}
+    shape = {"model": model, "num_items": num_items, "max_len": cfg.data.max_len,
              "data_path": cfg.data.path, "format": cfg.data.format}
     return hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
