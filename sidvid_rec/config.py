@@ -26,7 +26,7 @@ from sidvid_rec import storage
 from sidvid_rec.errors import ArtifactError, ConfigError
 from sidvid_rec.types import (AttentionScale, Balance, BeamFuse, DataFormat, DecoderKind, Device, EmbeddingOptimizer,
                               Fusion, IndexKind, ItemNegatives, LrSchedule, ModelMode, Pooling, Precision, QueryTime,
-                              Sharding, SidMethod, SidSoftmax, SplitProtocol, VidNegatives)
+                              Sharding, SidMethod, SidSoftmax, SplitProtocol, TrainPipelineKind, VidNegatives)
 
 T = TypeVar("T")
 
@@ -270,6 +270,13 @@ class TrainConfig:
     schedule_epochs: int = 0
     """Epochs the schedule is planned over; 0 = ``epochs``. The plan is fixed when a run starts
     and saved in its checkpoints (a resume keeps it, whatever ``epochs`` says then)."""
+    pipeline: TrainPipelineKind = "plain"
+    """``plain``: the training loop (reference); ``sparse_dist``: torchrec's ``TrainPipelineSparseDist``
+    (implies ``batch_lookups``; modes ``id``/``sid``/``sid_id``, ``loss.negatives=uniform``, one rank)."""
+    batch_lookups: bool = False
+    """Build the training lookups' KJT in the data loader (negatives drawn there, seeded per batch)
+    instead of in the model's forward; implied by ``pipeline=sparse_dist``. Draws other negatives
+    than the default path (see ``data.batches.LookupBuilder``)."""
 
 
 @dataclass

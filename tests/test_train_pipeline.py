@@ -1,0 +1,180 @@
+"""Batch-side lookups (the data loader builds the tables' KJT and draws the negatives) and
+training through torchrec's TrainPipelineSparseDist (``train.pipeline=sparse_dist``) on CPU."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from sidvid_rec.cli import main
+
+TINY = ["train.device=cpu", "data.max_len=20", "model.dim=16", "model.dqk=16", "model.dv=16", "model.num_blocks=1",
+        "train.batch_size=128", "loss.num_negatives=32", "eval.batch_size=610"]
+
+
+def _metrics(run_dir):
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        return json.load(f)
+
+
+def _train(run_dir, cache_dir, *extra):
+    return main(["train", "--run-dir", str(run_dir), f"data.cache_dir={cache_dir}", *TINY, *extra])
+
+
+def _plain_weights(model):
+    from sidvid_rec.train.distributed import gather_state_dict
+
+    return {k: v.clone() for k, v in gather_state_dict(model.state_dict()).items()
+            if torch.is_tensor(v) and v.is_floating_point()}
+
+
+@pytest.mark.parametrize("mode,shared", [("id", False), ("id", True), ("sid_id", False), ("sid", True)])
+def test_batch_lookups_match_the_model_side_lookups(cache_dir, mode, shared):
+    """One lookup of the batch's KJT gives the loss and gradients of the forward's own two
+    lookups, for the same negatives (ID, SID-prefix and fused tables)."""
+    from sidvid_rec.config import load_config
+    from sidvid_rec.data import load_sequences, make_split
+    from sidvid_rec.data.batches import BatchIterator, LookupBuilder
+    from sidvid_rec.losses import SampledSoftmaxLoss
+    from sidvid_rec.models.build import build_encoder
+    from sidvid_rec.models.hstu_rec import HSTURecommender
+    from sidvid_rec.modules.embeddings import ItemEmbeddings
+
+    cfg = load_config(None, [f"data.cache_dir={cache_dir}", *TINY, "model.dropout=0"])
+    data = load_sequences(cfg.data)
+    n = data.num_items
+    prefix = torch.randint(0, 97, (n + 1, 3), generator=torch.Generator().manual_seed(3)) if mode != "id" else None
+    torch.manual_seed(0)
+    emb = ItemEmbeddings(n, 16, mode, prefix, sid_table_size=97 if prefix is not None else 0, fusion="gate",
+                         device="cpu")
+    model = HSTURecommender(emb, build_encoder(cfg), SampledSoftmaxLoss(n, 32, 0.05, shared=shared))
+    builder = LookupBuilder(n, 32, shared, emb.feature_names, emb.sid_prefix_table if prefix is not None else None,
+                            seed=5)
+    batch = next(iter(BatchIterator(make_split(data, "train", "loo", 20), 64, shuffle=False, lookups=builder)))
+    assert batch.lookups.stride() == batch.num_inputs + int(batch.candidate_index.max()) + 1
+    assert batch.negative_ids.shape == ((1 if shared else batch.jagged("target_id").values().numel()), 32)
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    new = model(batch).loss
+    new_grads = grads(new)
+    items, times = batch.jagged("item_id"), batch.jagged("timestamp")
+    h = model.encoder(emb.embed(items.values()), items.offsets(), times.values(),
+                      query_timestamps=batch.jagged("target_timestamp").values(),
+                      host_offsets=batch.input_host_offsets())
+    old = model.loss(h, batch.jagged("target_id").values(), emb.embed, negative_ids=batch.negative_ids).loss
+    old_grads = grads(old)
+    assert float(new.detach()) == pytest.approx(float(old.detach()), rel=1e-6)
+    assert new_grads.keys() == old_grads.keys() and any("ebc" in k for k in new_grads)
+    for key in new_grads:
+        torch.testing.assert_close(new_grads[key], old_grads[key], rtol=1e-5, atol=1e-6)
+
+
+def test_lookup_negatives_depend_on_the_batch_only(cache_dir):
+    """Negatives are seeded by (seed, epoch, batch, rank): a resumed epoch (start_batch) draws the
+    uninterrupted run's, another epoch other ones; shared negatives are the same on every rank."""
+    from sidvid_rec.config import load_config
+    from sidvid_rec.data import load_sequences, make_split
+    from sidvid_rec.data.batches import BatchIterator, LookupBuilder
+
+    cfg = load_config(None, [f"data.cache_dir={cache_dir}", *TINY])
+    data = load_sequences(cfg.data)
+    split = make_split(data, "train", "loo", 20)
+
+    def batches(epoch, start=0, shared=False, rank=0):
+        it = BatchIterator(split, 64, shuffle=True, seed=1, rank=rank, world_size=2,
+                           lookups=LookupBuilder(data.num_items, 8, shared, ["item_id"], seed=2))
+        it.set_epoch(epoch, start_batch=start)
+        return list(it)
+
+    full, resumed, other = batches(0), batches(0, start=3), batches(1)
+    for a, b in zip(full[3:], resumed):
+        assert torch.equal(a.negative_ids, b.negative_ids) and torch.equal(a.lookups.values(), b.lookups.values())
+    assert not torch.equal(full[0].negative_ids, other[0].negative_ids)
+    assert torch.equal(batches(0, shared=True)[0].negative_ids, batches(0, shared=True, rank=1)[0].negative_ids)
+    assert not torch.equal(batches(0)[0].negative_ids[:1], batches(0, rank=1)[0].negative_ids[:1])
+
+
+def _trainer_steps(cfg, run_dir, num_steps):
+    """``num_steps`` training steps of a fresh Trainer: (losses, final weights, whether the
+    sharded EBC ran as torchrec's PipelinedForward meanwhile, and after)."""
+    from sidvid_rec.data import load_sequences
+    from sidvid_rec.models.build import unwrap
+    from sidvid_rec.process_group import init_distributed
+    from sidvid_rec.train.trainer import Trainer
+    from torchrec.distributed.train_pipeline.runtime_forwards import PipelinedForward
+
+    ctx = init_distributed("cpu")
+    torch.manual_seed(cfg.train.seed)  # as run_training
+    trainer = Trainer(cfg, str(run_dir), ctx, load_sequences(cfg.data))
+    trainer.model.train()
+    trainer.batches.set_epoch(0)
+    steps = trainer._pipeline_steps(iter(trainer.batches)) if cfg.train.pipeline == "sparse_dist" \
+        else trainer._plain_steps(iter(trainer.batches))
+    ebc = unwrap(trainer.model).embeddings.ebc
+    losses, pipelined = [], []
+    for _, (loss, _scale) in zip(range(num_steps), steps):
+        trainer.state.step += 1
+        losses.append(float(loss.detach()))
+        pipelined.append(isinstance(ebc.forward, PipelinedForward))
+    steps.close()
+    return losses, _plain_weights(trainer.model), all(pipelined), isinstance(ebc.forward, PipelinedForward)
+
+
+def test_sparse_dist_pipeline_matches_the_plain_loop_on_one_rank(tmp_path, cache_dir):
+    """Same seed, same batches: a whole epoch (10 batches, the pipeline's drain included) through
+    TrainPipelineSparseDist gives the plain loop's losses and final tables and dense weights
+    (warm-up schedule and dropout included)."""
+    from sidvid_rec.config import load_config
+
+    common = [f"data.cache_dir={cache_dir}", *TINY, "train.batch_lookups=true", "train.warmup_steps=3",
+              "train.batch_size=64"]
+    plain = _trainer_steps(load_config(None, common), tmp_path / "plain", 100)
+    piped = _trainer_steps(load_config(None, [*common, "train.pipeline=sparse_dist"]), tmp_path / "piped", 100)
+    assert not plain[2] and piped[2], "the pipeline must run the table lookup as torchrec's PipelinedForward"
+    assert not piped[3], "the model gets its own forwards back after the epoch"
+    assert len(plain[0]) == len(piped[0]) == 10
+    assert piped[0] == pytest.approx(plain[0], rel=1e-5)
+    assert plain[1].keys() == piped[1].keys() and any("embedding_bags" in k for k in plain[1])
+    for key in plain[1]:
+        torch.testing.assert_close(piped[1][key], plain[1][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_sparse_dist_run_matches_plain_and_resumes(tmp_path, cache_dir):
+    """End to end (evaluation between epochs included): the pipeline's 2-epoch run ends with the
+    plain loop's metrics (both with batch-side lookups), and a run stopped after epoch 1 and
+    resumed ends where the uninterrupted one did."""
+    pipe = ["train.pipeline=sparse_dist"]
+    assert _train(tmp_path / "straight", cache_dir, "train.epochs=2", *pipe) == 0
+    assert _train(tmp_path / "plain", cache_dir, "train.epochs=2", "train.batch_lookups=true") == 0
+    assert _train(tmp_path / "resumed", cache_dir, "train.epochs=1", *pipe) == 0
+    assert _train(tmp_path / "resumed", cache_dir, "train.epochs=2", "train.resume=true", *pipe) == 0
+    straight = _metrics(tmp_path / "straight")
+    for other in ("plain", "resumed"):
+        again = _metrics(tmp_path / other)
+        for split in ("valid", "test"):
+            for key, value in straight[split].items():
+                assert again[split][key] == pytest.approx(value, abs=1e-6), (other, split, key)
+
+
+def test_batch_lookups_refuse_what_they_cannot_serve():
+    from sidvid_rec.config import load_config
+    from sidvid_rec.errors import ConfigError
+    from sidvid_rec.process_group import DistContext
+    from sidvid_rec.train.trainer import check_batch_lookups
+
+    one = DistContext(0, 1, 0, torch.device("cpu"), "gloo")
+    check_batch_lookups(load_config(None, ["train.device=cpu", "train.pipeline=sparse_dist"]), one)
+    check_batch_lookups(load_config(None, ["train.device=cpu", "model.mode=cobra"]), one)  # plain: nothing to check
+    cases = [(["model.mode=cobra", "train.pipeline=sparse_dist"], one, "model.mode=cobra"),
+             (["model.mode=sid_gen", "train.batch_lookups=true"], one, "model.mode=sid_gen"),
+             (["loss.negatives=all", "train.pipeline=sparse_dist"], one, "loss.negatives=all"),
+             (["train.pipeline=sparse_dist"], DistContext(0, 2, 0, torch.device("cpu"), "gloo"), "one rank")]
+    for overrides, ctx, needle in cases:
+        with pytest.raises(ConfigError) as err:
+            check_batch_lookups(load_config(None, ["train.device=cpu", *overrides]), ctx)
+        assert needle in str(err.value) and "\n" not in str(err.value)
