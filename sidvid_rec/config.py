@@ -272,7 +272,7 @@ class TrainConfig:
     and saved in its checkpoints (a resume keeps it, whatever ``epochs`` says then)."""
     pipeline: TrainPipelineKind = "plain"
     """``plain``: the training loop (reference); ``sparse_dist``: torchrec's ``TrainPipelineSparseDist``
-    (implies ``batch_lookups``; modes ``id``/``sid``/``sid_id``, ``loss.negatives=uniform``, one rank)."""
+    (implies ``batch_lookups``; modes ``id``/``sid``/``sid_id`` with ``loss.negatives=uniform``)."""
     batch_lookups: bool = False
     """Build the training lookups' KJT in the data loader (negatives drawn there, seeded per batch)
     instead of in the model's forward; implied by ``pipeline=sparse_dist``. Draws other negatives

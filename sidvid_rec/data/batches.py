@@ -100,6 +100,8 @@ class SequenceBatch(Pipelineable):
     """``[T, R]`` negatives per target position, or ``[1, R]`` shared by all."""
     num_inputs: int = 0
     """Input tokens (the first bags of ``lookups``); a host number."""
+    num_candidates: int = 0
+    """Unique candidates (the next bags of ``lookups``; empty bags may follow); a host number."""
 
     @property
     def batch_size(self) -> int:
@@ -238,16 +240,26 @@ class LookupBuilder:
         words = np.random.SeedSequence([self.seed, epoch, batch_index, 0 if self.shared else rank]).generate_state(2)
         return torch.Generator().manual_seed(int(words[0]) << 32 | int(words[1]))
 
-    def __call__(self, batch: SequenceBatch, epoch: int, batch_index: int, rank: int) -> SequenceBatch:
-        inputs = batch.jagged("item_id").values()
+    def _candidates(self, batch: SequenceBatch, epoch: int, batch_index: int, rank: int):
         targets = batch.jagged("target_id").values()
         rows = 1 if self.shared else targets.numel()
         negatives = torch.randint(1, self.num_items + 1, (rows, self.num_negatives),
                                   generator=self.generator(epoch, batch_index, rank))
         unique, inverse = torch.unique(torch.cat([targets, negatives.reshape(-1)]), return_inverse=True)
-        lookups = item_features(torch.cat([inputs, unique]), self.feature_names, self.sid_prefix_table)
+        return negatives, unique, inverse
+
+    def bags(self, batch: SequenceBatch, epoch: int, batch_index: int, rank: int) -> int:
+        """Bags of ``batch``'s lookups on ``rank``: its input tokens plus its unique candidates."""
+        return int(batch.jagged("item_id").values().numel()) + int(self._candidates(batch, epoch, batch_index, rank)[1].numel())
+
+    def __call__(self, batch: SequenceBatch, epoch: int, batch_index: int, rank: int,
+                 num_bags: Optional[int] = None) -> SequenceBatch:
+        """``batch`` with its lookups; ``num_bags``: pad them with empty bags to this stride."""
+        inputs = batch.jagged("item_id").values()
+        negatives, unique, inverse = self._candidates(batch, epoch, batch_index, rank)
+        lookups = item_features(torch.cat([inputs, unique]), self.feature_names, self.sid_prefix_table, num_bags)
         return replace(batch, lookups=lookups, candidate_index=inverse, negative_ids=negatives,
-                       num_inputs=int(inputs.numel()))
+                       num_inputs=int(inputs.numel()), num_candidates=int(unique.numel()))
 
 
 class BatchIterator:
@@ -301,11 +313,26 @@ class BatchIterator:
 
     def __iter__(self) -> Iterator[SequenceBatch]:
         for index, examples in enumerate(self.global_batches()[self.start_batch :], start=self.start_batch):
-            mine = np.array_split(examples, self._world_size)[self._rank]
-            weights = np.ones(mine.size, dtype=np.float32)
-            if mine.size == 0:
-                mine, weights = examples[:1], np.zeros(1, dtype=np.float32)
-            batch = collate(self._split, mine, weights)
+            batch = self._rank_batch(examples, self._rank)
             if self._lookups is not None:
-                batch = self._lookups(batch, self._epoch, index, self._rank)
+                batch = self._lookups(batch, self._epoch, index, self._rank, self._common_bags(examples, index))
             yield batch
+
+    def _rank_batch(self, examples: np.ndarray, rank: int) -> SequenceBatch:
+        mine = np.array_split(examples, self._world_size)[rank]
+        weights = np.ones(mine.size, dtype=np.float32)
+        if mine.size == 0:
+            mine, weights = examples[:1], np.zeros(1, dtype=np.float32)
+        return collate(self._split, mine, weights)
+
+    def _common_bags(self, examples: np.ndarray, index: int) -> Optional[int]:
+        """On several ranks: the largest lookup stride over the ranks' shares of this global batch,
+        which every rank pads its lookups to (the row-wise all-gather needs equal bag counts on every
+        rank, and the pipeline distributes the batch's KJT as it is). Every rank computes every
+        rank's share (the negatives are seeded per rank), so no collective is needed: the loader
+        does the candidate work of the whole global batch, what one process would do."""
+        if self._world_size == 1:
+            return None
+        assert self._lookups is not None
+        return max(self._lookups.bags(self._rank_batch(examples, r), self._epoch, index, r)
+                   for r in range(self._world_size))

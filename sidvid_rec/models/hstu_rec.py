@@ -75,7 +75,8 @@ class HSTURecommender(nn.Module):
         h = self.encoder(vectors[:num_inputs], items.offsets(), times.values(),
                          query_timestamps=batch.jagged("target_timestamp").values(),
                          host_offsets=batch.input_host_offsets())
-        out = self.loss(h, target_ids, negative_ids=batch.negative_ids, candidate_vectors=vectors[num_inputs:],
+        candidates = vectors[num_inputs:num_inputs + batch.num_candidates]  # empty padding bags dropped
+        out = self.loss(h, target_ids, negative_ids=batch.negative_ids, candidate_vectors=candidates,
                         candidate_index=batch.candidate_index)
         return StepOutput(out.loss, out.num_positions)
 

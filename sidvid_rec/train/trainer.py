@@ -46,7 +46,7 @@ from sidvid_rec.eval.evaluate import evaluate_model
 from sidvid_rec.eval.records import METRICS_FILE, record_evaluation
 from sidvid_rec.process_group import DistContext, all_reduce_sum, barrier, init_distributed
 from sidvid_rec.train import checkpoint as ckpt
-from sidvid_rec.train.distributed import build_sharded_model
+from sidvid_rec.train.distributed import build_sharded_model, set_bag_count_hooks
 from sidvid_rec.train.optimizers import build_optimizers
 from sidvid_rec.stack import require_fbgemm
 
@@ -149,9 +149,6 @@ def check_batch_lookups(cfg: Config, ctx: DistContext) -> None:
     if cfg.loss.negatives != "uniform":
         raise ConfigError(f"{what} draws uniform negatives in the data loader; loss.negatives={cfg.loss.negatives} "
                           "is not supported there (use loss.negatives=uniform)")
-    if cfg.train.pipeline == "sparse_dist" and ctx.world_size > 1:
-        raise ConfigError(f"{what} runs on one rank only for now: ranks' batches give lookups of different sizes, "
-                          "which the row-wise all-gather refuses and the pipeline cannot pad (use train.pipeline=plain)")
 
 
 def lookup_builder(cfg: Config, model: torch.nn.Module) -> Optional[LookupBuilder]:
@@ -291,6 +288,8 @@ class Trainer:
                         disable=not ctx.is_main, leave=False, dynamic_ncols=True)
         checked = _checked_batches(progress, self.num_items)  # ids checked on the host, before the copy
         steps = self._pipeline_steps(checked) if cfg.train.pipeline == "sparse_dist" else self._plain_steps(checked)
+        # Batch-side lookups come padded to equal bag counts on every rank: no padding hooks.
+        set_bag_count_hooks(self.model, not uses_batch_lookups(cfg))
         try:
             for index, (loss, scale) in enumerate(steps, start=position.batch):
                 state.step += 1
@@ -308,6 +307,7 @@ class Trainer:
                     self._save(f"step-{state.step}", Position(index + 1, loss_sum, loss_count))
         finally:
             steps.close()  # the pipeline gives the model its own forwards back (evaluation looks up by itself)
+            set_bag_count_hooks(self.model, True)
         loss_sum, loss_count = losses.reduced(ctx)
         return loss_sum / max(loss_count, 1.0)
 
