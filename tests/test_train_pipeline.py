@@ -111,7 +111,7 @@ def _trainer_steps(cfg, run_dir, num_steps):
     from sidvid_rec.train.trainer import Trainer
     from torchrec.distributed.train_pipeline.runtime_forwards import PipelinedForward
 
-    ctx = init_distributed("cpu")
+    ctx = init_distributed(cfg.train.device)
     torch.manual_seed(cfg.train.seed)  # as run_training
     trainer = Trainer(cfg, str(run_dir), ctx, load_sequences(cfg.data))
     trainer.model.train()
@@ -147,17 +147,82 @@ def test_sparse_dist_pipeline_matches_the_plain_loop_on_one_rank(tmp_path, cache
         torch.testing.assert_close(piped[1][key], plain[1][key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_sparse_dist_run_matches_plain_and_resumes(tmp_path, cache_dir):
+SIDS = ["sids.encoder=tfidf", "sids.tfidf_dim=16", "sids.codebook_size=8", "sids.layers=2", "sids.kmeans_iters=3",
+        "sids.balance_iters=3"]
+
+
+def test_sparse_dist_run_with_sid_tables_matches_plain(tmp_path, cache_dir):
+    """``sid_id`` (SID-prefix and ID tables, gate fusion): the loader's KJT carries both keys; the
+    pipeline's run ends with the plain loop's metrics (both with batch-side lookups)."""
+    sids = str(tmp_path / "sids")
+    assert main(["sids", "build", "--out", sids, "--no-progress", f"data.cache_dir={cache_dir}", *SIDS]) == 0
+    common = ["model.mode=sid_id", "model.fusion=gate", f"sids.dir={sids}", *SIDS, "train.epochs=1"]
+    assert _train(tmp_path / "pipe", cache_dir, *common, "train.pipeline=sparse_dist") == 0
+    assert _train(tmp_path / "plain", cache_dir, *common, "train.batch_lookups=true") == 0
+    piped, plain = _metrics(tmp_path / "pipe"), _metrics(tmp_path / "plain")
+    for split in ("valid", "test"):
+        for key, value in plain[split].items():
+            assert piped[split][key] == pytest.approx(value, abs=1e-6), (split, key)
+
+
+@pytest.mark.gpu
+def test_sparse_dist_pipeline_matches_the_plain_loop_on_cuda(tmp_path, cache_dir):
+    """The CUDA half of the one-rank parity: TrainPipelineSparseDist with its memcpy and data-dist
+    streams against the plain loop on the same device."""
+    from sidvid_rec.config import load_config
+
+    common = [f"data.cache_dir={cache_dir}", *TINY, "train.device=cuda", "train.batch_lookups=true",
+              "train.warmup_steps=3", "train.batch_size=64"]
+    plain = _trainer_steps(load_config(None, common), tmp_path / "plain", 100)
+    piped = _trainer_steps(load_config(None, [*common, "train.pipeline=sparse_dist"]), tmp_path / "piped", 100)
+    assert piped[2] and not piped[3] and len(plain[0]) == len(piped[0]) == 10
+    assert piped[0] == pytest.approx(plain[0], rel=1e-4)
+    for key in plain[1]:
+        torch.testing.assert_close(piped[1][key], plain[1][key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+class _Crash(Exception):
+    pass
+
+
+def _train_until_step_checkpoint(run_dir, cache_dir, step, *extra):
+    """Trains like ``sidvid-rec train`` but dies right after writing the ``step-<step>`` checkpoint."""
+    from sidvid_rec.config import load_config, with_absolute_paths
+    from sidvid_rec.data import load_sequences
+    from sidvid_rec.process_group import init_distributed
+    from sidvid_rec.train.trainer import Trainer
+
+    class Dying(Trainer):
+        def _save(self, name, position, is_best=False):
+            super()._save(name, position, is_best)
+            if name == f"step-{step}":
+                raise _Crash(name)
+
+    cfg = with_absolute_paths(load_config(None, [f"data.cache_dir={cache_dir}", *TINY, *extra]))
+    ctx = init_distributed("cpu")
+    torch.manual_seed(cfg.train.seed)  # as run_training
+    trainer = Dying(cfg, str(run_dir), ctx, load_sequences(cfg.data))
+    trainer.start()
+    with pytest.raises(_Crash):
+        trainer.fit()
+
+
+def test_sparse_dist_run_matches_plain_and_resumes(tmp_path, cache_dir, capsys):
     """End to end (evaluation between epochs included): the pipeline's 2-epoch run ends with the
     plain loop's metrics (both with batch-side lookups), and a run stopped after epoch 1 and
-    resumed ends where the uninterrupted one did."""
-    pipe = ["train.pipeline=sparse_dist"]
+    resumed (at the epoch's end, or from a mid-epoch step checkpoint) ends where the
+    uninterrupted one did: the loader's negatives are seeded by the batch, not by a stream."""
+    pipe = ["train.pipeline=sparse_dist", "train.checkpoint_every=2"]
     assert _train(tmp_path / "straight", cache_dir, "train.epochs=2", *pipe) == 0
     assert _train(tmp_path / "plain", cache_dir, "train.epochs=2", "train.batch_lookups=true") == 0
     assert _train(tmp_path / "resumed", cache_dir, "train.epochs=1", *pipe) == 0
     assert _train(tmp_path / "resumed", cache_dir, "train.epochs=2", "train.resume=true", *pipe) == 0
+    # Mid-epoch: a run that dies right after its step-4 checkpoint (batch 4 of 5) resumes from it.
+    _train_until_step_checkpoint(tmp_path / "mid", cache_dir, 4, "train.epochs=2", *pipe)
+    assert _train(tmp_path / "mid", cache_dir, "train.epochs=2", "train.resume=true", *pipe) == 0
+    assert "step-4.pt" in capsys.readouterr().out  # "resumed from .../step-4.pt"
     straight = _metrics(tmp_path / "straight")
-    for other in ("plain", "resumed"):
+    for other in ("plain", "resumed", "mid"):
         again = _metrics(tmp_path / other)
         for split in ("valid", "test"):
             for key, value in straight[split].items():

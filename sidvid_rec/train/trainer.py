@@ -338,7 +338,8 @@ class Trainer:
             return out.loss * scale, (out.loss.detach(), scale)
 
         pipeline = TrainPipelineSparseDist(self.model, self.optimizers, ctx.device, custom_model_fwd=forward)
-        it = iter(batches)
+        # The pipeline copies with non_blocking=True on its own stream: from pinned memory on CUDA.
+        it = (batch.pin_memory() for batch in batches) if ctx.device.type == "cuda" else iter(batches)
         try:
             while True:
                 if self.schedule is not None:  # before progress(), as the plain loop: before the forward
