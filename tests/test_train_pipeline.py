@@ -151,18 +151,22 @@ SIDS = ["sids.encoder=tfidf", "sids.tfidf_dim=16", "sids.codebook_size=8", "sids
         "sids.balance_iters=3"]
 
 
-def test_sparse_dist_run_with_sid_tables_matches_plain(tmp_path, cache_dir):
-    """``sid_id`` (SID-prefix and ID tables, gate fusion): the loader's KJT carries both keys; the
-    pipeline's run ends with the plain loop's metrics (both with batch-side lookups)."""
+def test_sparse_dist_with_sid_tables_matches_plain(tmp_path, cache_dir):
+    """``sid_id`` (SID-prefix and ID tables, gate fusion): the loader's KJT carries both keys, the
+    pipeline pipelines the lookup and gives the plain loop's losses and weights over an epoch."""
+    from sidvid_rec.config import load_config
+
     sids = str(tmp_path / "sids")
     assert main(["sids", "build", "--out", sids, "--no-progress", f"data.cache_dir={cache_dir}", *SIDS]) == 0
-    common = ["model.mode=sid_id", "model.fusion=gate", f"sids.dir={sids}", *SIDS, "train.epochs=1"]
-    assert _train(tmp_path / "pipe", cache_dir, *common, "train.pipeline=sparse_dist") == 0
-    assert _train(tmp_path / "plain", cache_dir, *common, "train.batch_lookups=true") == 0
-    piped, plain = _metrics(tmp_path / "pipe"), _metrics(tmp_path / "plain")
-    for split in ("valid", "test"):
-        for key, value in plain[split].items():
-            assert piped[split][key] == pytest.approx(value, abs=1e-6), (split, key)
+    common = [f"data.cache_dir={cache_dir}", *TINY, "model.mode=sid_id", "model.fusion=gate", f"sids.dir={sids}",
+              *SIDS, "train.batch_lookups=true"]
+    plain = _trainer_steps(load_config(None, common), tmp_path / "plain", 100)
+    piped = _trainer_steps(load_config(None, [*common, "train.pipeline=sparse_dist"]), tmp_path / "piped", 100)
+    assert piped[2] and not piped[3] and len(plain[0]) == len(piped[0]) == 5
+    assert piped[0] == pytest.approx(plain[0], rel=1e-5)
+    assert any("sid_prefix" in k for k in plain[1]) and any("fusion" in k for k in plain[1])
+    for key in plain[1]:
+        torch.testing.assert_close(piped[1][key], plain[1][key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 @pytest.mark.gpu

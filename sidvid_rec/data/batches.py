@@ -250,11 +250,13 @@ class LookupBuilder:
 
     def bags(self, batch: SequenceBatch, epoch: int, batch_index: int, rank: int) -> int:
         """Bags of ``batch``'s lookups on ``rank``: its input tokens plus its unique candidates."""
-        return int(batch.jagged("item_id").values().numel()) + int(self._candidates(batch, epoch, batch_index, rank)[1].numel())
+        unique = self._candidates(batch, epoch, batch_index, rank)[1]
+        return int(batch.jagged("item_id").values().numel()) + int(unique.numel())
 
     def __call__(self, batch: SequenceBatch, epoch: int, batch_index: int, rank: int,
                  num_bags: Optional[int] = None) -> SequenceBatch:
         """``batch`` with its lookups; ``num_bags``: pad them with empty bags to this stride."""
+        batch.check_item_ids(self.num_items)  # one line on a bad id, before the prefix table is indexed
         inputs = batch.jagged("item_id").values()
         negatives, unique, inverse = self._candidates(batch, epoch, batch_index, rank)
         lookups = item_features(torch.cat([inputs, unique]), self.feature_names, self.sid_prefix_table, num_bags)
