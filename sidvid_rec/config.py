@@ -26,7 +26,8 @@ from sidvid_rec import storage
 from sidvid_rec.errors import ArtifactError, ConfigError
 from sidvid_rec.types import (AttentionScale, Balance, BeamFuse, CobraSidHead, DataFormat, DecoderKind, Device,
                               EmbeddingOptimizer, Fusion, IndexKind, ItemNegatives, LrSchedule, ModelMode, Pooling,
-                              Precision, QueryTime, Sharding, SidMethod, SidSoftmax, SplitProtocol, VidNegatives)
+                              Precision, QueryTime, Sharding, SidMethod, SidSoftmax, SplitProtocol, TrainPipelineKind,
+                              VidNegatives)
 
 T = TypeVar("T")
 
@@ -274,6 +275,13 @@ class TrainConfig:
     schedule_epochs: int = 0
     """Epochs the schedule is planned over; 0 = ``epochs``. The plan is fixed when a run starts
     and saved in its checkpoints (a resume keeps it, whatever ``epochs`` says then)."""
+    pipeline: TrainPipelineKind = "plain"
+    """``plain``: the training loop (reference); ``sparse_dist``: torchrec's ``TrainPipelineSparseDist``
+    (implies ``batch_lookups``; modes ``id``/``sid``/``sid_id`` with ``loss.negatives=uniform``)."""
+    batch_lookups: bool = False
+    """Build the training lookups' KJT in the data loader (negatives drawn there, seeded per batch)
+    instead of in the model's forward; implied by ``pipeline=sparse_dist``. Draws other negatives
+    than the default path (see ``data.batches.LookupBuilder``)."""
 
 
 @dataclass

@@ -163,11 +163,13 @@ class SampledSoftmaxLoss(nn.Module):
         rows = 1 if self._shared else num_positions
         return uniform_item_ids(self._num_items, (rows, self._num_negatives), generator, device)
 
-    def forward(self, query: torch.Tensor, pos_ids: torch.Tensor, item_vectors_fn: ItemVectorsFn,
+    def forward(self, query: torch.Tensor, pos_ids: torch.Tensor, item_vectors_fn: Optional[ItemVectorsFn] = None,
                 generator: Optional[torch.Generator] = None,
                 negative_ids: Optional[torch.Tensor] = None,
                 negative_log_counts: Optional[torch.Tensor] = None,
-                in_batch_ids: Optional[torch.Tensor] = None) -> LossOutput:
+                in_batch_ids: Optional[torch.Tensor] = None,
+                candidate_vectors: Optional[torch.Tensor] = None,
+                candidate_index: Optional[torch.Tensor] = None) -> LossOutput:
         """Mean NLL of each position's positive against its negatives.
 
         Args:
@@ -184,8 +186,15 @@ class SampledSoftmaxLoss(nn.Module):
                 even when the ids are not drawn uniformly (e.g. items mapped to SIDs).
             in_batch_ids: ``mixed``: the in-batch pool ``[M]`` (default: ``pos_ids``, the targets
                 of every position of the batch).
+            candidate_vectors, candidate_index: ``uniform`` with ``negative_ids``: the candidates
+                already looked up (batch-side lookups): ``[U, D]`` vectors of the unique ids of
+                ``cat([pos_ids, negative_ids.flatten()])`` and the ``[T + K]`` index into them;
+                ``item_vectors_fn`` is then not called.
         """
         num_positions = pos_ids.numel()
+        if candidate_vectors is not None:
+            if self._negatives != "uniform" or negative_ids is None or candidate_index is None:
+                raise ValueError("candidate_vectors need negatives='uniform', negative_ids and candidate_index")
         if num_positions == 0:
             return _zero_loss(query)
         if self._negatives == "all":
@@ -195,7 +204,11 @@ class SampledSoftmaxLoss(nn.Module):
                                                                 generator, negative_ids)
         elif negative_ids is None:
             negative_ids = self.sample_negatives(num_positions, generator, pos_ids.device)
-        vectors, inverse = _lookup_unique(torch.cat([pos_ids, negative_ids.reshape(-1)]), item_vectors_fn)
+        if candidate_vectors is not None:
+            vectors, inverse = l2_normalize(candidate_vectors), candidate_index
+        else:
+            assert item_vectors_fn is not None
+            vectors, inverse = _lookup_unique(torch.cat([pos_ids, negative_ids.reshape(-1)]), item_vectors_fn)
         q = l2_normalize(query)  # [T, D]
         pos_logits = (q * vectors[inverse[:num_positions]]).sum(-1, keepdim=True)  # [T, 1]
         neg_index = inverse[num_positions:].view(negative_ids.shape)  # [T or 1, R]

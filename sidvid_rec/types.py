@@ -54,6 +54,10 @@ Sharding = Literal["auto", "table_wise", "row_wise", "column_wise", "data_parall
 """TorchRec sharding of the tables (``auto``: the planner's choice)."""
 EmbeddingOptimizer = Literal["auto", "rowwise_adagrad", "adagrad", "sgd", "adam"]
 """Fused in-backward optimizer of the tables."""
+TrainPipelineKind = Literal["plain", "sparse_dist"]
+"""How the training steps run: the plain loop (the reference), or through torchrec's
+``TrainPipelineSparseDist`` (batch copy and the tables' input distribution one batch ahead of
+compute; needs batch-side lookups, so modes ``id``/``sid``/``sid_id`` with uniform negatives)."""
 Device = Literal["auto", "cpu", "cuda"]
 """Where a computation runs (``auto``: CUDA when available)."""
 Precision = Literal["fp32", "tf32", "bf16"]

@@ -7,6 +7,12 @@ Data flow of one training step (T = tokens of the jagged batch, B = sequences)::
     sampled softmax(h, candidates) -> loss (teacher forcing: every position predicts its next item)
 
 Inputs and candidates share the item tables (as the reference HSTU does).
+
+A batch with batch-side lookups (``SequenceBatch.lookups``, built by the data loader's
+``LookupBuilder``) is trained with ONE table lookup of that KJT (inputs, then the unique
+candidates) and the negatives it carries; the forward then builds no KJT, so torchrec's
+``TrainPipelineSparseDist`` can trace it and run the lookup's input distribution a batch ahead.
+Otherwise the forward builds its KJTs itself (two lookups: inputs, then candidates).
 """
 
 from typing import Dict, NamedTuple, Optional
@@ -48,6 +54,8 @@ class HSTURecommender(nn.Module):
 
     def forward(self, batch: SequenceBatch, generator: Optional[torch.Generator] = None) -> StepOutput:
         """Teacher-forced sampled-softmax loss of a training batch."""
+        if batch.lookups is not None:
+            return self._forward_batch_lookups(batch)
         items, times = batch.jagged("item_id"), batch.jagged("timestamp")
         target_ids = batch.jagged("target_id").values()  # [T]
         # Training: position i's query time is its target's time.
@@ -55,6 +63,21 @@ class HSTURecommender(nn.Module):
         h = self.encoder(self.embeddings.embed(items.values()), items.offsets(), times.values(),
                          query_timestamps=query_times, host_offsets=batch.input_host_offsets())  # [T, D]
         out = self.loss(h, target_ids, self.embeddings.embed, generator=generator)
+        return StepOutput(out.loss, out.num_positions)
+
+    def _forward_batch_lookups(self, batch: SequenceBatch) -> StepOutput:
+        """The step on the batch's own lookups. Symbolically traceable: no control flow on the
+        batch's values (torchrec's pipeline fx-traces it to find ``batch.lookups``)."""
+        vectors = self.embeddings.lookup(batch.lookups)  # [T_in + U, D]
+        num_inputs = batch.num_inputs
+        items, times = batch.jagged("item_id"), batch.jagged("timestamp")
+        target_ids = batch.jagged("target_id").values()
+        h = self.encoder(vectors[:num_inputs], items.offsets(), times.values(),
+                         query_timestamps=batch.jagged("target_timestamp").values(),
+                         host_offsets=batch.input_host_offsets())
+        candidates = vectors[num_inputs:num_inputs + batch.num_candidates]  # empty padding bags dropped
+        out = self.loss(h, target_ids, negative_ids=batch.negative_ids, candidate_vectors=candidates,
+                        candidate_index=batch.candidate_index)
         return StepOutput(out.loss, out.num_positions)
 
     def query(self, batch: SequenceBatch) -> Tensor:

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sidvid_rec.data.batches import ITEM_FEATURE, SID_FEATURE, item_features
 from sidvid_rec.errors import DataError
 from sidvid_rec.types import Fusion, ModelMode, uses_sids
 from sidvid_rec.modules.fusion import SidIdFusion
@@ -50,10 +51,6 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType  
 from torchrec.modules.embedding_modules import EmbeddingBagCollection  # noqa: E402
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor  # noqa: E402
 
-ITEM_FEATURE = "item_id"
-"""Feature (and table) name of the item-ID lookup."""
-SID_FEATURE = "sid_prefix"
-"""Feature (and table) name of the SID-prefix lookup."""
 INIT_STD = 0.02
 """Rows start as N(0, 0.02) truncated at 2 std, like the reference HSTU's item table."""
 TABLE_DIM_MULTIPLE = 4
@@ -235,25 +232,7 @@ class ItemEmbeddings(nn.Module):
         """
         ids = item_ids.reshape(-1).long()
         self.check_ids(ids)
-        num_positions = ids.numel()
-        num_bags = num_positions if num_bags is None else num_bags
-        if num_bags < num_positions:
-            raise ValueError(f"num_bags={num_bags} is smaller than the {num_positions} positions")
-        pad = torch.zeros(num_bags - num_positions, dtype=torch.long, device=ids.device)
-        values, lengths, per_key = [], [], []
-        if self.uses_id:
-            values.append(ids)
-            lengths += [torch.ones_like(ids), pad]
-            per_key.append(num_positions)
-        if self.uses_sid:
-            prefixes = self.sid_prefix_table.to(ids.device)[ids]  # [T, L]
-            values.append(prefixes.reshape(-1))
-            lengths += [torch.full_like(ids, prefixes.shape[1]), pad]
-            per_key.append(num_positions * prefixes.shape[1])
-        # The values per key are known on the host (1 or L per position), so the KJT is built
-        # without from_lengths_sync's read-back of the lengths (a host sync on a GPU).
-        return KeyedJaggedTensor(keys=self.feature_names, values=torch.cat(values), lengths=torch.cat(lengths),
-                                 stride=num_bags, length_per_key=per_key)
+        return item_features(ids, self.feature_names, self.sid_prefix_table if self.uses_sid else None, num_bags)
 
     def forward(self, features: KeyedJaggedTensor) -> ItemVectors:
         """Pooled lookups: KJT from :meth:`features` -> :class:`ItemVectors` ``[B, D]`` each.
@@ -262,6 +241,12 @@ class ItemEmbeddings(nn.Module):
         """
         pooled = self.ebc(features).to_dict()
         return ItemVectors(id_vec=self._narrow(pooled.get(ITEM_FEATURE)), sid_vec=self._narrow(pooled.get(SID_FEATURE)))
+
+    def lookup(self, features: KeyedJaggedTensor) -> torch.Tensor:
+        """Fused item vectors ``[stride, D]`` of a batch-provided KJT (modes ``id``, ``sid``,
+        ``sid_id``): one table lookup, no KJT built here. Symbolically traceable (torchrec's
+        pipeline traces it to find the lookup's input in the batch)."""
+        return self.fuse(self(features))
 
     def _narrow(self, pooled: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """Drops the padding columns of the stored rows: ``[B, table_dim]`` -> ``[B, D]``."""

@@ -15,6 +15,9 @@ Three things make N ranks behave like one process (PLATFORM.md's gotchas):
   look up different numbers of bags. :func:`equalize_bag_counts` pads every lookup with
   empty bags up to the largest count over ranks (one scalar all-reduce) and cuts the
   output back.
+  Batch-side lookups (``train.batch_lookups`` / ``train.pipeline=sparse_dist``) come padded to
+  equal bag counts from the data loader, so the trainer switches the hooks off for those steps
+  (:func:`set_bag_count_hooks`); evaluation's own lookups still use them.
 * **Plan checks**: a world size the forced sharding cannot split the tables over is a
   one-line :class:`~sidvid_rec.errors.ConfigError` (:func:`check_world_size`), not a
   traceback from inside torchrec.
@@ -96,6 +99,17 @@ def _pad_bags(features: KeyedJaggedTensor, num_bags: int) -> KeyedJaggedTensor:
                                                lengths=torch.cat([lengths, pad], dim=1).reshape(-1))
 
 
+BAG_HOOKS_ON = "_sidvid_equalize_bag_counts"
+"""Attribute of a sharded EBC with :func:`equalize_bag_counts` hooks: whether they act."""
+
+
+def set_bag_count_hooks(model: nn.Module, enabled: bool) -> None:
+    """Switches every :func:`equalize_bag_counts` hook pair of ``model`` on or off."""
+    for module in model.modules():
+        if hasattr(module, BAG_HOOKS_ON):
+            setattr(module, BAG_HOOKS_ON, enabled)
+
+
 def equalize_bag_counts(ebc: nn.Module) -> None:
     """Makes every rank look up the same number of bags in the sharded ``ebc`` (hooks).
 
@@ -104,8 +118,11 @@ def equalize_bag_counts(ebc: nn.Module) -> None:
     this rank's bags. Results are unchanged: empty bags pool to zeros and get no gradient.
     """
     strides: List[int] = []
+    setattr(ebc, BAG_HOOKS_ON, True)
 
     def pad(module: nn.Module, args: Any) -> Any:
+        if not getattr(module, BAG_HOOKS_ON):
+            return None
         features = args[0]
         stride = torch.tensor([features.stride()], dtype=torch.int64, device=features.values().device)  # nccl: on GPU
         dist.all_reduce(stride, op=dist.ReduceOp.MAX)
@@ -115,6 +132,8 @@ def equalize_bag_counts(ebc: nn.Module) -> None:
         return (_pad_bags(features, int(stride)),) + tuple(args[1:])
 
     def cut(module: nn.Module, args: Any, output: Any) -> Any:
+        if not getattr(module, BAG_HOOKS_ON):
+            return None
         stride = strides.pop()
         pooled = output.wait() if isinstance(output, LazyAwaitable) else output
         if pooled.values().shape[0] == stride:

@@ -31,7 +31,7 @@ import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from tqdm import tqdm
@@ -39,15 +39,24 @@ from tqdm import tqdm
 from sidvid_rec import storage
 from sidvid_rec.config import Config, dump_config, with_absolute_paths
 from sidvid_rec.data import SequenceData, load_sequences, make_split
-from sidvid_rec.data.batches import BatchIterator, prefetch_to_device
+from sidvid_rec.data.batches import BatchIterator, LookupBuilder, prefetch_to_device
 from sidvid_rec.errors import ConfigError
+from sidvid_rec.models.build import unwrap
 from sidvid_rec.eval.evaluate import evaluate_model
 from sidvid_rec.eval.records import METRICS_FILE, record_evaluation
 from sidvid_rec.process_group import DistContext, all_reduce_sum, barrier, init_distributed
 from sidvid_rec.train import checkpoint as ckpt
-from sidvid_rec.train.distributed import build_sharded_model
+from sidvid_rec.train.distributed import build_sharded_model, set_bag_count_hooks
 from sidvid_rec.train.optimizers import build_optimizers
+from sidvid_rec.stack import require_fbgemm
+
+require_fbgemm()
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist  # noqa: E402
 from sidvid_rec.train.schedule import build_schedule
+
+BATCH_LOOKUP_MODES = ("id", "sid", "sid_id")
+"""Modes whose training step can take its table lookups from the batch (one HSTU item table
+lookup + one sampled softmax); ``cobra`` and ``sid_gen`` build their KJTs in their forward."""
 
 
 class _TqdmHandler(logging.Handler):
@@ -123,6 +132,34 @@ def _global_mean_scale(num_positions: int, ctx: DistContext) -> float:
     return ctx.world_size * num_positions / max(float(total[0]), 1.0)
 
 
+def uses_batch_lookups(cfg: Config) -> bool:
+    """Whether the training batches carry the lookups' KJT (``train.batch_lookups`` or the pipeline)."""
+    return cfg.train.batch_lookups or cfg.train.pipeline == "sparse_dist"
+
+
+def check_batch_lookups(cfg: Config, ctx: DistContext) -> None:
+    """One-line :class:`ConfigError` for a setting batch-side lookups / the pipeline cannot run."""
+    if not uses_batch_lookups(cfg):
+        return
+    what = "train.pipeline=sparse_dist" if cfg.train.pipeline == "sparse_dist" else "train.batch_lookups=true"
+    if cfg.model.mode not in BATCH_LOOKUP_MODES:
+        raise ConfigError(f"{what} needs batch-side lookups, which model.mode={cfg.model.mode} does not have "
+                          f"(it builds its KJTs in the forward); use model.mode {'/'.join(BATCH_LOOKUP_MODES)} "
+                          "or train.pipeline=plain")
+    if cfg.loss.negatives != "uniform":
+        raise ConfigError(f"{what} draws uniform negatives in the data loader; loss.negatives={cfg.loss.negatives} "
+                          "is not supported there (use loss.negatives=uniform)")
+
+
+def lookup_builder(cfg: Config, model: torch.nn.Module) -> Optional[LookupBuilder]:
+    """The data loader's :class:`LookupBuilder` for ``model``'s tables, or None without batch-side lookups."""
+    if not uses_batch_lookups(cfg):
+        return None
+    emb = unwrap(model).embeddings
+    return LookupBuilder(emb.num_items, cfg.loss.num_negatives, cfg.loss.shared_negatives, emb.feature_names,
+                         emb.sid_prefix_table if emb.uses_sid else None, seed=cfg.train.seed)
+
+
 LOG_EVERY = 10
 """Steps between two reads of the loss for the progress bar and TensorBoard (each read is a
 device -> host copy; the epoch's loss is accumulated on the device in between)."""
@@ -180,6 +217,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, run_dir: str, ctx: DistContext, data: SequenceData) -> None:
         self.cfg, self.run_dir, self.ctx = cfg, run_dir, ctx
+        check_batch_lookups(cfg, ctx)
         self.select = selection_split(cfg.data.protocol)
         self.select_split = make_split(data, self.select, cfg.data.protocol, cfg.data.max_len)
         self.model = build_sharded_model(cfg, data, ctx)
@@ -192,7 +230,8 @@ class Trainer:
         self.state, self.position = TrainState(), Position()
         train_split = make_split(data, "train", cfg.data.protocol, cfg.data.max_len)
         self.batches = BatchIterator(train_split, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
-                                     rank=ctx.rank, world_size=ctx.world_size)
+                                     rank=ctx.rank, world_size=ctx.world_size,
+                                     lookups=lookup_builder(cfg, self.model))
         # Warm-up / cosine lr (train/schedule.py); None for a constant lr. Built before a
         # restore, so its base lr are the configured ones.
         self.schedule = build_schedule(self.optimizers, cfg.train, len(self.batches))
@@ -248,29 +287,70 @@ class Trainer:
         progress = tqdm(self.batches, total=len(self.batches), initial=position.batch, desc=f"epoch {epoch + 1}",
                         disable=not ctx.is_main, leave=False, dynamic_ncols=True)
         checked = _checked_batches(progress, self.num_items)  # ids checked on the host, before the copy
-        for index, batch in enumerate(prefetch_to_device(checked, ctx.device), start=position.batch):
+        steps = self._pipeline_steps(checked) if cfg.train.pipeline == "sparse_dist" else self._plain_steps(checked)
+        # Batch-side lookups come padded to equal bag counts on every rank: no padding hooks.
+        set_bag_count_hooks(self.model, not uses_batch_lookups(cfg))
+        try:
+            for index, (loss, scale) in enumerate(steps, start=position.batch):
+                state.step += 1
+                # Summed over ranks, loss * scale is W times the global-batch mean (and 1 is W).
+                losses.add(loss, scale)  # a device tensor: read at log time only (no sync per step)
+                if ctx.is_main and state.step % LOG_EVERY == 0:
+                    value = float(loss.detach())
+                    progress.set_postfix(loss=f"{value:.4f}")
+                    if self.writer is not None:
+                        self.writer.add_scalar("train/loss", value, state.step)
+                if cfg.train.max_steps and state.step >= cfg.train.max_steps:
+                    break
+                if every and state.step % every == 0 and index + 1 < len(self.batches):
+                    loss_sum, loss_count = losses.reduced(ctx)
+                    self._save(f"step-{state.step}", Position(index + 1, loss_sum, loss_count))
+        finally:
+            steps.close()  # the pipeline gives the model its own forwards back (evaluation looks up by itself)
+            set_bag_count_hooks(self.model, True)
+        loss_sum, loss_count = losses.reduced(ctx)
+        return loss_sum / max(loss_count, 1.0)
+
+    def _plain_steps(self, batches) -> Iterator[Tuple[torch.Tensor, float]]:
+        """The plain loop (the reference): ``(loss, scale)`` of every batch trained."""
+        for batch in prefetch_to_device(batches, self.ctx.device):
+            # Before the forward: the fused table update runs inside backward, with the lr its
+            # kernel took at the forward on the CPU (fbgemm's CPU lookup reads the lr tensor
+            # there), so a schedule applied after the forward reached the tables one step late.
+            if self.schedule is not None:
+                self.schedule.apply(self.state.step)
             out = self.model(batch, generator=self.generator)
-            scale = _global_mean_scale(out.num_positions, ctx)
-            if self.schedule is not None:  # before backward: the fused table update runs inside it
-                self.schedule.apply(state.step)
+            scale = _global_mean_scale(out.num_positions, self.ctx)
             self.optimizers.zero_grad()
             (out.loss * scale).backward()
             self.optimizers.step()
-            state.step += 1
-            # Summed over ranks, loss * scale is W times the global-batch mean (and 1 is W).
-            losses.add(out.loss, scale)  # a device tensor: read at log time only (no sync per step)
-            if ctx.is_main and state.step % LOG_EVERY == 0:
-                value = float(out.loss.detach())
-                progress.set_postfix(loss=f"{value:.4f}")
-                if self.writer is not None:
-                    self.writer.add_scalar("train/loss", value, state.step)
-            if cfg.train.max_steps and state.step >= cfg.train.max_steps:
-                break
-            if every and state.step % every == 0 and index + 1 < len(self.batches):
-                loss_sum, loss_count = losses.reduced(ctx)
-                self._save(f"step-{state.step}", Position(index + 1, loss_sum, loss_count))
-        loss_sum, loss_count = losses.reduced(ctx)
-        return loss_sum / max(loss_count, 1.0)
+            yield out.loss, scale
+
+    def _pipeline_steps(self, batches) -> Iterator[Tuple[torch.Tensor, float]]:
+        """The steps through torchrec's ``TrainPipelineSparseDist`` (``train.pipeline=sparse_dist``):
+        it copies batch i+2 and distributes batch i+1's lookup input while batch i trains, and runs
+        zero_grad / backward / optimizer step itself. Same ``(loss, scale)`` per batch as the plain loop."""
+        ctx = self.ctx
+
+        def forward(batch):
+            out = self.model(batch)  # the negatives come with the batch: no generator
+            scale = _global_mean_scale(out.num_positions, ctx)
+            return out.loss * scale, (out.loss.detach(), scale)
+
+        pipeline = TrainPipelineSparseDist(self.model, self.optimizers, ctx.device, custom_model_fwd=forward)
+        # The pipeline copies with non_blocking=True on its own stream: from pinned memory on CUDA.
+        it = (batch.pin_memory() for batch in batches) if ctx.device.type == "cuda" else iter(batches)
+        try:
+            while True:
+                if self.schedule is not None:  # before progress(), as the plain loop: before the forward
+                    self.schedule.apply(self.state.step)
+                try:
+                    loss, scale = pipeline.progress(it)
+                except StopIteration:
+                    return
+                yield loss, scale
+        finally:
+            pipeline.detach()
 
     def _checkpoint_state(self, with_rng: bool = True) -> Dict[str, object]:
         """What a checkpoint holds: model (sharded tables + dense), both optimizers, this rank's RNG."""
