@@ -51,27 +51,26 @@ whose size depends on the world size; such a mismatch is refused with the shapes
 import dataclasses
 import functools
 import hashlib
-import importlib
 import json
 import os
-import pickle
 import re
 import uuid
 import warnings
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
 from sidvid_rec import artifacts, storage
 from sidvid_rec.config import Config
 from sidvid_rec.errors import ArtifactError, UserError
 from sidvid_rec.process_group import DistContext
+from sidvid_rec.train.safe_dcp import SafeFileSystemReader, _describe, _unwrap
 
 RECORD_FORMAT = "sidvid_rec.checkpoint"
 RECORD_VERSION = 3
@@ -316,24 +315,6 @@ def _on_all_ranks(ctx: DistContext, step: Callable[[], Any], what: str, cleanup:
         raise ArtifactError(f"cannot write {what}{where} (is the disk full or read-only?): {text}") from cause
 
 
-def _describe(e: BaseException) -> str:
-    """``Type: first line`` of an exception, looking inside DCP's per-rank ``CheckpointException``."""
-    e = _unwrap(e)
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
-
-
-def _unwrap(e: BaseException) -> BaseException:
-    """The first rank's original exception of a ``CheckpointException`` (``failures``: rank -> (exc, tb))."""
-    failures = getattr(e, "failures", None)
-    if isinstance(failures, dict) and failures:
-        first = next(iter(failures.values()))
-        inner = first[0] if isinstance(first, tuple) and first else first
-        if isinstance(inner, BaseException):
-            return inner
-    return e
-
-
 def _non_tensor_leaves(state: Dict[str, Any], prefix: str = "") -> List[str]:
     """Dotted keys of the leaves of ``state`` that are not tensors."""
     out: List[str] = []
@@ -388,64 +369,6 @@ def flatten_keys(state: Dict[str, Any], prefix: str = "") -> Dict[str, torch.Siz
         elif isinstance(value, (torch.Tensor, ShardedTensor)):
             out[name] = value.size()
     return out
-
-
-_METADATA_GLOBALS = frozenset({
-    *(("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),  # torch.strided & co. pickle as _get_layout("torch.strided")
-    *((module, name) for module in ("pathlib", "pathlib._local")  # StorageMeta.checkpoint_id
-      for name in ("PosixPath", "WindowsPath", "PurePosixPath", "PureWindowsPath")),
-    ("collections", "OrderedDict"),
-})
-"""The globals a DCP ``Metadata`` pickle refers to: data classes, enums and harmless constructors."""
-_DTYPES = frozenset(name for name, value in vars(torch).items() if isinstance(value, torch.dtype))
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles a DCP ``.metadata`` file and nothing else: any global outside the allow-list
-    (a function such as ``os.system``, a class with side effects) is refused, so a crafted
-    file cannot run code. Names are matched exactly, so no dotted path reaches further."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _METADATA_GLOBALS:
-            return getattr(importlib.import_module(module), name)
-        if module == "torch" and name in _DTYPES:
-            return getattr(torch, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (not part of checkpoint metadata)")
-
-
-def load_metadata(f: IO[bytes]) -> Metadata:
-    """A DCP ``Metadata`` from an open ``.metadata`` file, through :class:`_MetadataUnpickler`."""
-    metadata = _MetadataUnpickler(f).load()
-    if not isinstance(metadata, Metadata):
-        raise pickle.UnpicklingError(f"holds a {type(metadata).__name__}, not checkpoint metadata")
-    return metadata
-
-
-class SafeFileSystemReader(dcp.FileSystemReader):
-    """``FileSystemReader`` whose metadata goes through the restricted unpickler, not ``pickle.load``.
-
-    Errors are one-line :class:`ArtifactError` s. Shards are read by the base class, with
-    ``torch.load(weights_only=True)``.
-    """
-
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        rank = kwargs.get("rank")  # DCP passes it when ranks wrote their own metadata files
-        path = os.path.join(self.path, ".metadata" if rank is None else f"__{rank}.metadata")
-        try:
-            with self.fs.create_stream(path, "rb") as f:
-                metadata = load_metadata(f)
-        except Exception as e:  # noqa: BLE001  (a refused global, a truncated or foreign file)
-            raise ArtifactError(f"checkpoint data {path} is unreadable ({_describe(e)})")
-        # As FileSystemReader.read_metadata does: DCP keys this load by the reader's id.
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
 
 
 def _unverified_allowed() -> bool:
