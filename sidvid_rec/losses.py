@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sidvid_rec.ops.sampled_softmax import negative_rows, sampled_softmax_nll, unique_ids
+
 ItemVectorsFn = Callable[[torch.Tensor], torch.Tensor]
 """``ids [K]`` -> item vectors ``[K, D]`` (not necessarily normalised)."""
 VidNegatives = Literal["in_batch", "in_batch_global", "queue"]
@@ -95,10 +97,15 @@ class SampledSoftmaxLoss(nn.Module):
         num_negatives: R negatives per position (or per batch with ``shared``).
         temperature: logits are cosine similarities divided by this.
         shared: one set of R negatives for every position of the batch instead of R each.
+        negatives_block: > 0: one draw of R negatives per block of this many consecutive
+            positions (``[ceil(T / b), R]``; each position still sees R uniform negatives, so the
+            expected loss and gradient are those of per-position draws); 0 = per position.
+        fused: compute the loss with the chunked, hand-differentiated kernel
+            (:mod:`sidvid_rec.ops.sampled_softmax`) instead of plain autograd ops (same values).
     """
 
     def __init__(self, num_items: int, num_negatives: int = 128, temperature: float = 0.05,
-                 shared: bool = False) -> None:
+                 shared: bool = False, negatives_block: int = 0, fused: bool = True) -> None:
         super().__init__()
         if num_items <= 0 or num_negatives <= 0 or temperature <= 0:
             raise ValueError(f"num_items, num_negatives and temperature must be positive, got "
@@ -107,11 +114,16 @@ class SampledSoftmaxLoss(nn.Module):
         self._num_negatives = num_negatives
         self._temperature = temperature
         self._shared = shared
+        if negatives_block < 0:
+            raise ValueError(f"negatives_block must be >= 0, got {negatives_block}")
+        self._negatives_block = negatives_block
+        self._fused = fused
 
     def sample_negatives(self, num_positions: int, generator: Optional[torch.Generator],
                          device: torch.device) -> torch.Tensor:
-        """Negative ids: ``[T, R]``, or ``[1, R]`` broadcast to every position when shared."""
-        rows = 1 if self._shared else num_positions
+        """Negative ids: ``[T, R]``, ``[ceil(T / block), R]`` with ``negatives_block``, or
+        ``[1, R]`` broadcast to every position when shared."""
+        rows = 1 if self._shared else negative_rows(num_positions, self._negatives_block or 1)
         return uniform_item_ids(self._num_items, (rows, self._num_negatives), generator, device)
 
     def forward(self, query: torch.Tensor, pos_ids: torch.Tensor, item_vectors_fn: ItemVectorsFn,
@@ -136,6 +148,8 @@ class SampledSoftmaxLoss(nn.Module):
             return _zero_loss(query)
         if negative_ids is None:
             negative_ids = self.sample_negatives(num_positions, generator, pos_ids.device)
+        if self._fused or negative_ids.shape[0] not in (1, num_positions):
+            return self._forward_op(query, pos_ids, negative_ids, item_vectors_fn, negative_log_counts)
         vectors, inverse = _lookup_unique(torch.cat([pos_ids, negative_ids.reshape(-1)]), item_vectors_fn)
         q = l2_normalize(query)  # [T, D]
         pos_logits = (q * vectors[inverse[:num_positions]]).sum(-1, keepdim=True)  # [T, 1]
@@ -150,6 +164,21 @@ class SampledSoftmaxLoss(nn.Module):
         neg_logits = neg_logits.masked_fill(negative_ids == pos_ids.unsqueeze(1), MASKED_LOGIT)
         logits = torch.cat([pos_logits / self._temperature, neg_logits], dim=1)  # [T, 1 + R]
         return LossOutput(_nll_of_first(logits), num_positions)
+
+    def _forward_op(self, query: torch.Tensor, pos_ids: torch.Tensor, negative_ids: torch.Tensor,
+                    item_vectors_fn: ItemVectorsFn, negative_log_counts: Optional[torch.Tensor]) -> LossOutput:
+        """:meth:`forward` through :func:`sampled_softmax_nll` (fused, or its reference): the only
+        path for blocked negatives (``[ceil(T / block), R]``)."""
+        num_positions = pos_ids.numel()
+        unique, inverse = unique_ids(torch.cat([pos_ids, negative_ids.reshape(-1)]), self._num_items + 1)
+        vectors = l2_normalize(item_vectors_fn(unique))
+        rows = negative_ids.shape[0]
+        block = 1 if rows == num_positions else self._negatives_block or 1
+        loss = sampled_softmax_nll(l2_normalize(query), vectors[inverse[:num_positions]], vectors,
+                                   inverse[num_positions:].view(negative_ids.shape), self._temperature, block=block,
+                                   pos_keys=pos_ids, neg_keys=negative_ids, neg_bias=negative_log_counts,
+                                   fused=self._fused)
+        return LossOutput(loss, num_positions)
 
 
 # ----------------------------------------------------------------------------- InfoNCE
@@ -239,11 +268,13 @@ class InfoNCELoss(nn.Module):
             full-catalogue ranking punishes. The correction is taken relative to a uniform pool
             of the same size (``log(E[count] / (M / N))``), so the pool weighs what M uniform
             negatives weigh, as in the reference's sampled softmax.
+        fused: compute the loss with the chunked kernel of :mod:`sidvid_rec.ops.sampled_softmax`
+            (the pool shared by every query; never holds ``[P, M]``) instead of :meth:`logits`.
     """
 
     def __init__(self, num_items: int, negatives: VidNegatives = "in_batch", num_negatives: int = 128,
                  queue_size: int = 4096, dim: int = 0, temperature: float = 0.05,
-                 max_in_batch: int = 0, item_frequency: Optional[torch.Tensor] = None) -> None:
+                 max_in_batch: int = 0, item_frequency: Optional[torch.Tensor] = None, fused: bool = True) -> None:
         super().__init__()
         if negatives not in get_args(VidNegatives):
             choices = ", ".join(get_args(VidNegatives))
@@ -255,6 +286,7 @@ class InfoNCELoss(nn.Module):
         self._num_negatives = num_negatives
         self._temperature = temperature
         self._max_in_batch = max_in_batch
+        self._fused = fused
         self.queue: Optional[VectorQueue] = VectorQueue(queue_size, dim) if negatives == "queue" else None
         self.item_frequency: Optional[torch.Tensor]
         self.register_buffer("item_frequency", None if item_frequency is None else item_frequency.float(),
@@ -321,7 +353,14 @@ class InfoNCELoss(nn.Module):
         if pos_ids.numel() == 0:
             return _zero_loss(query)
         pool, log_counts = self.build_pool(batch, item_vectors_fn, generator)
-        loss = _nll_of_first(self.logits(query, pos_ids, pos_vectors, pool, log_counts))
+        if self._fused:
+            keep = ~pool.is_sid  # SID entries are masked out of the contrast: dropping them is the same
+            counts = None if log_counts is None else log_counts[keep].unsqueeze(0)
+            loss = sampled_softmax_nll(l2_normalize(query), l2_normalize(pos_vectors), l2_normalize(pool.vectors[keep]),
+                                       None, self._temperature, pos_keys=pos_ids, neg_keys=pool.ids[keep].unsqueeze(0),
+                                       neg_bias=counts)
+        else:
+            loss = _nll_of_first(self.logits(query, pos_ids, pos_vectors, pool, log_counts))
         if self.queue is not None and self.training:
             vid = batch.vid_only()
             self.queue.push(vid.ids, vid.vectors)
