@@ -441,16 +441,22 @@ def _plot(name: str, title: str, xlabel: str, series: Dict[str, Tuple[List[float
     mem = {k: finite(v) for k, v in mem.items()}
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for label, (x, y) in series.items():
-        a.plot(x, y, marker="o", label=label)
+        if x:
+            a.plot(x, y, marker="o", label=label)
     for label, (x, y) in mem.items():
-        b.plot(x, y, marker="o", label=label)
+        if x:
+            b.plot(x, y, marker="o", label=label)
     for ax, ylabel in ((a, "training tokens/s (wall)"), (b, "peak memory (MB)")):
+        if not ax.lines:  # nothing measured on this axis (e.g. a memory-only run's times)
+            ax.set_visible(False)
+            continue
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    a.set_yscale("log")
+    if a.lines:
+        a.set_yscale("log")
     fig.suptitle(title)
     fig.tight_layout()
     os.makedirs(PLOTS, exist_ok=True)
@@ -611,7 +617,7 @@ def combine_curves(timing: Dict[str, str], memory: Dict[str, str]) -> str:
         for a, b in zip(t, m):
             pp, bl = a["per position"], a["block 256"]
             n = a["tokens"]
-            rows.append([f"{a['items']:,}", f"{a['table_mb']:,.0f}", f"{n / pp['wall']:,.0f}", f"{n / pp['cpu']:,.0f}",
+            rows.append([f"{a['items']:,}", f"{b['table_mb']:,.0f}", f"{n / pp['wall']:,.0f}", f"{n / pp['cpu']:,.0f}",
                          f"{b['per position']['peak_mb']:,.0f}", f"{n / bl['wall']:,.0f}", f"{n / bl['cpu']:,.0f}",
                          f"{b['block 256']['peak_mb']:,.0f}", f"{pp['wall'] / bl['wall']:.2f}x / {pp['cpu'] / bl['cpu']:.2f}x",
                          f"{a['export']['seconds']:.2f} s ({a['export']['gb_per_s']:.2f} GB/s)"])
@@ -620,7 +626,7 @@ def combine_curves(timing: Dict[str, str], memory: Dict[str, str]) -> str:
                      "items (table rows, d = 50)",
                      {lab: (xs, [a["tokens"] / a[lab]["wall"] for a in t]) for lab in ("per position", "block 256")},
                      {**{f"step peak, {lab}": (xs, [b[lab]["peak_mb"] for b in m]) for lab in ("per position", "block 256")},
-                      "table (RSS)": (xs, [a["table_mb"] for a in t])})
+                      "table (RSS)": (xs, [b["table_mb"] for b in m])})
         out.append("**Tokens/s vs catalogue size** (50 sequences x 200 items = 10,000 tokens per step, R = 128, fused "
                    "loss, d = 50; each table built, measured and freed before the next; median of 3 steps after 1 "
                    "warm-up):\n\n" + md_table(

@@ -116,3 +116,22 @@ def test_bench_decode_tiny_run_agrees():
     for name in ("cobra", "sid_gen"):
         assert out[name]["identical_lists"] == 1.0 and out[name]["max_score_diff"] < 1e-4
     assert len(out["invalid_prefix_share"]) == 3 and all(0.0 <= s <= 1.0 for s in out["invalid_prefix_share"])
+
+
+def test_bench_perf_pieces_run_and_measure():
+    """The issue-17 benchmark's training step (blocked and per-position negatives), its
+    interleaved timer and its memory probe on a tiny problem."""
+    import math
+
+    from benchmarks.bench_perf import _Trainer, _measure, interleaved
+
+    trainer = _Trainer(num_items=200, max_len=40, num_negatives=8)
+    batch = trainer.batch(sequences=4, length=30)
+    assert batch[0].numel() == 120 and batch[2].tolist() == [0, 30, 60, 90, 120]
+    before = trainer.table.weight.detach().clone()
+    r = _measure(lambda: trainer.step(batch), steps=1)
+    assert math.isfinite(r["wall"]) and r["cpu"] > 0 and r["peak_mb"] >= 0
+    assert not torch.equal(before, trainer.table.weight.detach())  # the touched rows were updated
+    trainer.set_loss(8, 16)
+    res = interleaved({"a": lambda: trainer.step(batch), "b": lambda: None}, repeats=2, warmup=0)
+    assert set(res) == {"a", "b"} and res["a"]["wall"] > res["b"]["wall"]
