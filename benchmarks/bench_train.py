@@ -124,8 +124,9 @@ def _instrument(model: Any, clock: Any, marks: Dict[str, float], device: str) ->
 
 
 def train_steps(config: str, mode: str, data_path: str, data_format: str, cache_dir: str, sids_dir: str,
-                steps: int, warmup: int, device: str = "cpu") -> Dict[str, Any]:
-    """Times ``steps`` training steps (after ``warmup``) of the trainer's model; per-phase means."""
+                steps: int, warmup: int, device: str = "cpu", extra: Optional[List[str]] = None) -> Dict[str, Any]:
+    """Times ``steps`` training steps (after ``warmup``) of the trainer's model; per-phase means.
+    ``extra``: more ``section.key=value`` overrides (e.g. ``loss.fused=false``)."""
     import torch
 
     from benchmarks.common import PhaseClock, current_rss_mb, peak_rss_mb, reset_peak_rss, synchronize
@@ -138,8 +139,8 @@ def train_steps(config: str, mode: str, data_path: str, data_format: str, cache_
     from sidvid_rec.train.optimizers import build_optimizers
     from sidvid_rec.train.trainer import negative_generator
 
-    extra = [f"model.mode={mode}", f"train.device={device}"] + ([f"sids.dir={sids_dir}"] if sids_dir else [])
-    cfg = load_config(config, _overrides(data_path, data_format, cache_dir, extra))
+    more = [f"model.mode={mode}", f"train.device={device}"] + ([f"sids.dir={sids_dir}"] if sids_dir else [])
+    cfg = load_config(config, _overrides(data_path, data_format, cache_dir, more + list(extra or [])))
     ctx = init_distributed(cfg.train.device)
     torch.manual_seed(cfg.train.seed)
     data = load_sequences(cfg.data)

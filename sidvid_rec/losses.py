@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sidvid_rec.ops.sampled_softmax import negative_rows, sampled_softmax_nll, unique_ids
 from sidvid_rec.types import ItemNegatives
 
 ItemVectorsFn = Callable[[torch.Tensor], torch.Tensor]
@@ -127,11 +128,17 @@ class SampledSoftmaxLoss(nn.Module):
             sampled denominator is an unbiased estimate of the full softmax's.
         max_in_batch: ``mixed``: keep at most this many in-batch entries (a uniform subset of the
             batch's positions); 0 = every position.
+        negatives_block: > 0: one draw of R negatives per block of this many consecutive
+            positions (``[ceil(T / b), R]``; each position still sees R uniform negatives, so the
+            expected loss and gradient are those of per-position draws); 0 = per position.
+        fused: compute the loss with the chunked, hand-differentiated kernel
+            (:mod:`sidvid_rec.ops.sampled_softmax`) instead of plain autograd ops (same values).
     """
 
     def __init__(self, num_items: int, num_negatives: int = 128, temperature: float = 0.05,
                  shared: bool = False, negatives: ItemNegatives = "uniform", label_smoothing: float = 0.0,
-                 item_frequency: Optional[torch.Tensor] = None, max_in_batch: int = 0) -> None:
+                 item_frequency: Optional[torch.Tensor] = None, max_in_batch: int = 0,
+                 negatives_block: int = 0, fused: bool = True) -> None:
         super().__init__()
         if num_items <= 0 or num_negatives <= 0 or temperature <= 0:
             raise ValueError(f"num_items, num_negatives and temperature must be positive, got "
@@ -146,6 +153,12 @@ class SampledSoftmaxLoss(nn.Module):
         self._num_negatives = num_negatives
         self._temperature = temperature
         self._shared = shared
+        if negatives_block < 0:
+            raise ValueError(f"negatives_block must be >= 0, got {negatives_block}")
+        if negatives_block and (negatives != "uniform" or label_smoothing):
+            raise ValueError("negatives_block applies to negatives='uniform' without label smoothing")
+        self._negatives_block = negatives_block
+        self._fused = fused
         self._negatives: ItemNegatives = negatives
         self._label_smoothing = float(label_smoothing)
         self._max_in_batch = max_in_batch
@@ -159,8 +172,9 @@ class SampledSoftmaxLoss(nn.Module):
 
     def sample_negatives(self, num_positions: int, generator: Optional[torch.Generator],
                          device: torch.device) -> torch.Tensor:
-        """Negative ids: ``[T, R]``, or ``[1, R]`` broadcast to every position when shared."""
-        rows = 1 if self._shared else num_positions
+        """Negative ids: ``[T, R]``, ``[ceil(T / block), R]`` with ``negatives_block``, or
+        ``[1, R]`` broadcast to every position when shared."""
+        rows = 1 if self._shared else negative_rows(num_positions, self._negatives_block or 1)
         return uniform_item_ids(self._num_items, (rows, self._num_negatives), generator, device)
 
     def forward(self, query: torch.Tensor, pos_ids: torch.Tensor, item_vectors_fn: Optional[ItemVectorsFn] = None,
@@ -204,6 +218,8 @@ class SampledSoftmaxLoss(nn.Module):
                                                                 generator, negative_ids)
         elif negative_ids is None:
             negative_ids = self.sample_negatives(num_positions, generator, pos_ids.device)
+        if self._uses_op(candidate_vectors, negative_ids.shape[0], num_positions):
+            return self._forward_op(query, pos_ids, negative_ids, item_vectors_fn, negative_log_counts)
         if candidate_vectors is not None:
             vectors, inverse = l2_normalize(candidate_vectors), candidate_index
         else:
@@ -252,6 +268,29 @@ class SampledSoftmaxLoss(nn.Module):
         ids = torch.arange(1, self._num_items + 1, device=pos_ids.device)
         logits = l2_normalize(query) @ l2_normalize(item_vectors_fn(ids)).T / self._temperature  # [T, N]
         return F.cross_entropy(logits, pos_ids - 1, label_smoothing=self._label_smoothing)
+
+    def _uses_op(self, candidate_vectors: Optional[torch.Tensor], rows: int, num_positions: int) -> bool:
+        """Whether :meth:`forward` runs :func:`sampled_softmax_nll`: with ``fused`` or blocked
+        negatives (its only path), unless the row needs what only the plain path does: label
+        smoothing, or candidates looked up by the batch (``candidate_vectors``)."""
+        if self._label_smoothing or candidate_vectors is not None:
+            return False
+        return self._fused or rows not in (1, num_positions)
+
+    def _forward_op(self, query: torch.Tensor, pos_ids: torch.Tensor, negative_ids: torch.Tensor,
+                    item_vectors_fn: ItemVectorsFn, negative_log_counts: Optional[torch.Tensor]) -> LossOutput:
+        """:meth:`forward` through :func:`sampled_softmax_nll` (fused, or its reference): the only
+        path for blocked negatives (``[ceil(T / block), R]``)."""
+        num_positions = pos_ids.numel()
+        unique, inverse = unique_ids(torch.cat([pos_ids, negative_ids.reshape(-1)]), self._num_items + 1)
+        vectors = l2_normalize(item_vectors_fn(unique))
+        rows = negative_ids.shape[0]
+        block = 1 if rows == num_positions else self._negatives_block or 1
+        loss = sampled_softmax_nll(l2_normalize(query), vectors[inverse[:num_positions]], vectors,
+                                   inverse[num_positions:].view(negative_ids.shape), self._temperature, block=block,
+                                   pos_keys=pos_ids, neg_keys=negative_ids, neg_bias=negative_log_counts,
+                                   fused=self._fused)
+        return LossOutput(loss, num_positions)
 
 
 # ----------------------------------------------------------------------------- InfoNCE
@@ -341,11 +380,13 @@ class InfoNCELoss(nn.Module):
             full-catalogue ranking punishes. The correction is taken relative to a uniform pool
             of the same size (``log(E[count] / (M / N))``), so the pool weighs what M uniform
             negatives weigh, as in the reference's sampled softmax.
+        fused: compute the loss with the chunked kernel of :mod:`sidvid_rec.ops.sampled_softmax`
+            (the pool shared by every query; never holds ``[P, M]``) instead of :meth:`logits`.
     """
 
     def __init__(self, num_items: int, negatives: VidNegatives = "in_batch", num_negatives: int = 128,
                  queue_size: int = 4096, dim: int = 0, temperature: float = 0.05,
-                 max_in_batch: int = 0, item_frequency: Optional[torch.Tensor] = None) -> None:
+                 max_in_batch: int = 0, item_frequency: Optional[torch.Tensor] = None, fused: bool = True) -> None:
         super().__init__()
         if negatives not in get_args(VidNegatives):
             choices = ", ".join(get_args(VidNegatives))
@@ -357,6 +398,7 @@ class InfoNCELoss(nn.Module):
         self._num_negatives = num_negatives
         self._temperature = temperature
         self._max_in_batch = max_in_batch
+        self._fused = fused
         self.queue: Optional[VectorQueue] = VectorQueue(queue_size, dim) if negatives == "queue" else None
         self.item_frequency: Optional[torch.Tensor]
         self.register_buffer("item_frequency", None if item_frequency is None else item_frequency.float(),
@@ -423,7 +465,14 @@ class InfoNCELoss(nn.Module):
         if pos_ids.numel() == 0:
             return _zero_loss(query)
         pool, log_counts = self.build_pool(batch, item_vectors_fn, generator)
-        loss = _nll_of_first(self.logits(query, pos_ids, pos_vectors, pool, log_counts))
+        if self._fused:
+            keep = ~pool.is_sid  # SID entries are masked out of the contrast: dropping them is the same
+            counts = None if log_counts is None else log_counts[keep].unsqueeze(0)
+            loss = sampled_softmax_nll(l2_normalize(query), l2_normalize(pos_vectors), l2_normalize(pool.vectors[keep]),
+                                       None, self._temperature, pos_keys=pos_ids, neg_keys=pool.ids[keep].unsqueeze(0),
+                                       neg_bias=counts)
+        else:
+            loss = _nll_of_first(self.logits(query, pos_ids, pos_vectors, pool, log_counts))
         if self.queue is not None and self.training:
             vid = batch.vid_only()
             self.queue.push(vid.ids, vid.vectors)

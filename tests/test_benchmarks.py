@@ -146,3 +146,22 @@ def test_bench_sid_scale_tiny_run():
             "cobra_code_beam_ms_per_user", "cobra_beam_decoder_ms_per_user", "cobra_code_head_us_per_position",
             "peak_rss_mb")
     assert all(r[key] > 0 for r in rows for key in keys)
+
+
+def test_bench_perf_pieces_run_and_measure():
+    """The issue-17 benchmark's training step (blocked and per-position negatives), its
+    interleaved timer and its memory probe on a tiny problem."""
+    import math
+
+    from benchmarks.bench_perf import _Trainer, _measure, interleaved
+
+    trainer = _Trainer(num_items=200, max_len=40, num_negatives=8)
+    batch = trainer.batch(sequences=4, length=30)
+    assert batch[0].numel() == 120 and batch[2].tolist() == [0, 30, 60, 90, 120]
+    before = trainer.table.weight.detach().clone()
+    r = _measure(lambda: trainer.step(batch), steps=1)
+    assert math.isfinite(r["wall"]) and r["cpu"] > 0 and r["peak_mb"] >= 0
+    assert not torch.equal(before, trainer.table.weight.detach())  # the touched rows were updated
+    trainer.set_loss(8, 16)
+    res = interleaved({"a": lambda: trainer.step(batch), "b": lambda: None}, repeats=2, warmup=0)
+    assert set(res) == {"a", "b"} and res["a"]["wall"] > res["b"]["wall"]

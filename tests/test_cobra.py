@@ -288,3 +288,25 @@ def test_sid_dedup_appends_the_disambiguation_code(tmp_path, cache_dir):
     model = build_model(dedup_cfg, data, table_device="cpu")
     assert model.num_sids == n
     assert torch.equal(torch.sort(model.sid_of_item[1:]).values, torch.arange(n))
+
+
+@pytest.mark.parametrize("sid_logq", [False, True])
+def test_fused_losses_give_the_unfused_loss_and_gradients(sid_logq):
+    """COBRA's SID sampled softmax and VID InfoNCE through the fused kernel (the default) equal
+    the plain autograd path (``loss.fused=false``): values and every parameter's gradient."""
+    results = []
+    for fused in (False, True):
+        model = tiny_model("in_batch_global")
+        model.sid_loss._fused = fused
+        model.vid_loss._fused = fused
+        model.sid_logq = sid_logq
+        batch = make_batch([[1, 2, 3, 4], [5, 6], [7, 8, 9]], [5, 7, 1], training=True)
+        out = model(batch, generator=torch.Generator().manual_seed(0))
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.loss.detach(), grads))
+    (a, ga), (b, gb) = results
+    assert b.item() == pytest.approx(a.item(), abs=1e-5)
+    assert ga.keys() == gb.keys() and ga
+    for name in ga:
+        torch.testing.assert_close(gb[name], ga[name], atol=1e-5, rtol=1e-4)

@@ -225,3 +225,29 @@ def test_cached_vid_queries_match_re_encoding(model, batch):
     cached = model.vid_queries_cached(encoded, sids)
     for j in range(3):
         torch.testing.assert_close(cached[:, j], model.vid_queries(inputs, sids[:, j]), rtol=1e-5, atol=1e-6)
+
+
+def test_repeat_jagged_repeats_each_row_in_place():
+    from sidvid_rec.decode.base import repeat_jagged
+
+    values, offsets = torch.tensor([1, 2, 3, 4, 5, 6]), torch.tensor([0, 2, 2, 6])
+    rep_values, rep_offsets = repeat_jagged(values, offsets, 2)
+    assert rep_offsets.tolist() == [0, 2, 4, 4, 4, 8, 12]
+    assert rep_values.tolist() == [1, 2, 1, 2, 3, 4, 5, 6, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("filter_history", [True, False])
+def test_beams_searched_at_once_equal_one_search_per_beam(model, batch, filter_history):
+    """``retrieve_beams`` (one FAISS search of B * W queries) = W calls of ``retrieve``."""
+    from sidvid_rec.decode.base import DecodeState, retrieve, retrieve_beams, top_sids
+
+    ctx = _context(model, DecoderSettings(beam_size=4), filter_history=filter_history)
+    with torch.no_grad():
+        state = DecodeState(ctx, batch)
+        _, sids = top_sids(state.sid_logits(), 4)
+        queries = state.vid_queries(ctx.sid_table[sids])
+        ids, scores = retrieve_beams(ctx, batch, queries, 20)
+        for j in range(queries.shape[1]):
+            hits = retrieve(ctx, batch, queries[:, j], 20)
+            assert torch.equal(ids[:, j], hits.ids)
+            torch.testing.assert_close(scores[:, j], hits.scores, atol=1e-6, rtol=0)

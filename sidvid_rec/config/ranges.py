@@ -109,6 +109,7 @@ _RANGES: Dict[str, Range] = {
     "loss.queue_size": _POSITIVE,
     "loss.vid_num_negatives": _NON_NEGATIVE,
     "loss.vid_max_in_batch": _NON_NEGATIVE,
+    "loss.negatives_block": _NON_NEGATIVE,
     "loss.label_smoothing": _UNIT_OPEN,
     "loss.max_in_batch": _NON_NEGATIVE,  # 0 = every position of the batch
     "train.epochs": _POSITIVE,
@@ -167,6 +168,14 @@ def _validate(cfg: Config) -> None:
     if cfg.model.mode == "cobra" and cfg.model.cobra_sid_head == "codes" and cfg.eval.decoder == "soft":
         raise ConfigError("eval.decoder=soft needs model.cobra_sid_head=whole; with model.cobra_sid_head=codes "
                           "use direct, neighbor or beam")
+    loss, train = cfg.loss, cfg.train
+    if loss.negatives_block and (loss.negatives != "uniform" or loss.label_smoothing):
+        raise ConfigError(f"loss.negatives_block={loss.negatives_block} applies to loss.negatives=uniform without "
+                          f"label smoothing, got loss.negatives={loss.negatives}, "
+                          f"loss.label_smoothing={loss.label_smoothing}")
+    if loss.negatives_block and (train.batch_lookups or train.pipeline != "plain"):
+        raise ConfigError("loss.negatives_block draws negatives inside the loss; train.batch_lookups / "
+                          "train.pipeline=sparse_dist draw them in the data loader per position: use one or the other")
     if SELECT_K not in cfg.eval.ks:
         raise ConfigError(f"eval.ks must include {SELECT_K} (validation ndcg@{SELECT_K} selects checkpoints "
                           f"and drives early stopping), got {cfg.eval.ks}")

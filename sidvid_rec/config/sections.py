@@ -185,6 +185,12 @@ class LossConfig:
     """COBRA: cap on in-batch VID pool entries (a uniform subset); 0 = every position of the batch."""
     shared_negatives: bool = False
     """Sampled softmax: one set of R negatives for the whole batch (cheap) instead of R per position (reference)."""
+    negatives_block: int = 0
+    """Sampled softmax: one draw of R negatives per block of this many consecutive positions (same
+    expected loss and gradient as per-position draws, far cheaper); 0 = per position (reference)."""
+    fused: bool = True
+    """Sampled softmax and InfoNCE through the chunked, hand-differentiated kernel
+    (``sidvid_rec.ops.sampled_softmax``); false = plain autograd ops (same values, slower)."""
     sid_softmax: SidSoftmax = "auto"
     """COBRA SID loss: ``full`` softmax over every valid SID, ``sampled`` (R = ``num_negatives``
     items mapped to their SIDs), or ``auto``: full when there are at most ``num_negatives`` SIDs."""

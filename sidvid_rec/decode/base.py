@@ -108,6 +108,33 @@ def retrieve(ctx: DecodeContext, batch: "SequenceBatch", queries: Tensor, k: int
     return ctx.index.search_excluding(queries, k, history.values(), history.offsets())
 
 
+def retrieve_beams(ctx: DecodeContext, batch: "SequenceBatch", queries: Tensor, k: int) -> Tuple[Tensor, Tensor]:
+    """ANN top-``k`` of every beam's query at once: ``queries [B, W, D]`` -> ``(ids, scores)``,
+    each ``[B, W, k]``. One search of ``B * W`` queries (each example's history repeated for its
+    ``W`` beams), the same hits as ``W`` calls of :func:`retrieve`."""
+    batch_size, width, dim = queries.shape
+    flat = queries.reshape(batch_size * width, dim)
+    if not ctx.filter_history:
+        hits = ctx.index.search(flat, k)
+    else:
+        history = batch.jagged("item_id")
+        values, offsets = repeat_jagged(history.values(), history.offsets().long(), width)
+        hits = ctx.index.search_excluding(flat, k, values, offsets)
+    return hits.ids.view(batch_size, width, -1), hits.scores.view(batch_size, width, -1)
+
+
+def repeat_jagged(values: Tensor, offsets: Tensor, times: int) -> Tuple[Tensor, Tensor]:
+    """Each row of a jagged ``values`` / ``offsets [B+1]`` repeated ``times`` times in a row:
+    ``(values', offsets' [B * times + 1])``."""
+    lengths = (offsets[1:] - offsets[:-1]).repeat_interleave(times)  # [B * times]
+    new_offsets = torch.zeros(lengths.numel() + 1, dtype=offsets.dtype, device=offsets.device)
+    new_offsets[1:] = lengths.cumsum(0)
+    starts = offsets[:-1].repeat_interleave(times)  # source start of each new row
+    shift = (starts - new_offsets[:-1]).repeat_interleave(lengths, output_size=int(new_offsets[-1]))
+    source = torch.arange(int(new_offsets[-1]), device=offsets.device) + shift
+    return values[source], new_offsets
+
+
 class DecodeState:
     """One batch being decoded: the next-SID states, then VID queries for chosen SIDs.
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from sidvid_rec.decode.base import DecodeContext, DecodeState, TopK, first_occurrence, retrieve
+from sidvid_rec.decode.base import DecodeContext, DecodeState, TopK, first_occurrence, retrieve_beams
 from sidvid_rec.types import MISSING_ID, BeamFuse
 
 if TYPE_CHECKING:  # torchrec-free at run time: an export decodes without the training stack
@@ -83,13 +83,8 @@ def decode_beam(ctx: DecodeContext, batch: "SequenceBatch", k: int) -> TopK:
     beam_logits, log_p_sid, beam_sids = state.top_sids(s.beam_size)  # [B, k_b] each
     per_beam = max(s.beam_ann, k)
     queries = state.vid_queries(ctx.sid_table[beam_sids])  # [B, k_b, D]: one cached step for all beams
-    items, vid_logits = [], []
-    for j in range(beam_sids.shape[1]):
-        hits = retrieve(ctx, batch, queries[:, j], per_beam)
-        items.append(hits.ids)
-        vid_logits.append(hits.scores / ctx.model.temperature)
-    items_t = torch.stack(items, dim=1)  # [B, k_b, n]
-    vid_t = torch.stack(vid_logits, dim=1)  # [B, k_b, n]
+    items_t, scores = retrieve_beams(ctx, batch, queries, per_beam)  # [B, k_b, n]: one search for all beams
+    vid_t = scores / ctx.model.temperature  # [B, k_b, n]
     fused = fuse_beam_scores(s.beam_fuse, beam_logits, log_p_sid, vid_t, s.alpha, s.beta)
     batch_size = items_t.shape[0]
     return rank_candidates(items_t.reshape(batch_size, -1), fused.reshape(batch_size, -1),

@@ -124,11 +124,12 @@ def _build_cobra(cfg: Config, data: SequenceData, codebook: SemanticIdCodebook,
     sid_full = loss.sid_softmax == "full" or (loss.sid_softmax == "auto" and codebook.num_sids <= loss.num_negatives)
     frequency = training_item_frequency(cfg, data) if loss.logq_correction else None
     sid_loss = SampledSoftmaxLoss(num_items=data.num_items, num_negatives=loss.num_negatives,
-                                  temperature=loss.temperature, shared=loss.shared_negatives)
+                                  temperature=loss.temperature, shared=loss.shared_negatives,
+                                  negatives_block=loss.negatives_block, fused=loss.fused)
     vid_loss = InfoNCELoss(num_items=data.num_items, negatives=loss.vid_negatives,
                            num_negatives=loss.vid_num_negatives or loss.num_negatives, queue_size=loss.queue_size,
                            dim=m.dim, temperature=loss.temperature, max_in_batch=loss.vid_max_in_batch,
-                           item_frequency=frequency)
+                           item_frequency=frequency, fused=loss.fused)
     text = item_text_embeddings(cfg, data) if m.text_projection else None
     return CobraRecommender(embeddings, encoder, sid_loss, vid_loss, codebook.codes, vid_weight=loss.vid_weight, temperature=loss.temperature,
                             query_time=m.cobra_query_time, text_embeddings=text, sid_full_softmax=sid_full,
@@ -163,7 +164,8 @@ def hstu_loss(cfg: Config, data: SequenceData) -> SampledSoftmaxLoss:
                               temperature=loss.temperature, shared=loss.shared_negatives,
                               negatives=loss.negatives, label_smoothing=loss.label_smoothing,
                               item_frequency=training_item_frequency(cfg, data) if mixed_logq else None,
-                              max_in_batch=loss.max_in_batch)
+                              max_in_batch=loss.max_in_batch, negatives_block=loss.negatives_block,
+                              fused=loss.fused)
 
 
 def build_model(cfg: Config, data: SequenceData, table_device: str = "meta") -> RecommenderModel:
