@@ -19,9 +19,7 @@ Options after ``--set`` are overrides applied to every run.
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from typing import Dict, List, Optional, Tuple
 
 SHARED = os.environ.get("SIDVID_SHARED_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
@@ -45,17 +43,8 @@ ROWS: List[Row] = [
 ]
 SELECT = "ndcg@10"
 
-
-def sidvid(args: List[str], log: str) -> float:
-    """Runs ``python -m sidvid_rec ARGS`` with output appended to ``log``; returns wall seconds."""
-    start = time.time()
-    with open(log, "a") as f:
-        f.write(f"$ sidvid-rec {' '.join(args)}\n")
-        f.flush()
-        rc = subprocess.call([sys.executable, "-m", "sidvid_rec"] + args, stdout=f, stderr=subprocess.STDOUT)
-    if rc != 0:
-        raise SystemExit(f"sidvid-rec {args[0]} failed (rc={rc}); see {log}")
-    return time.time() - start
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: the sibling below
+from cobra_table import sidvid  # noqa: E402  (one CLI runner for the quality benchmarks)
 
 
 def run_row(name: str, overrides: List[str], config: str, out: str, common: List[str]) -> Dict[str, object]:
