@@ -8,6 +8,8 @@ time (``time.process_time``) beside it, one intra-op thread per process unless s
     OMP_NUM_THREADS=1 python -m benchmarks.bench_perf decode          # eval + decoders per 1,000 users
     OMP_NUM_THREADS=1 python -m benchmarks.bench_perf length|catalogue|negatives  # cost curves
     OMP_NUM_THREADS=1 python -m benchmarks.bench_perf threads         # encoder, 1 vs 2 threads
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_perf mustshow --repeats 3 --steps 6 --epochs 10 --seeds 0 1 2 3
+        # issue 17 must-show: step effective FLOP/s vs matmul, COBRA / id, trainer tokens/s + HR@10 per path
 
 Each prints Markdown (and writes ``--json``); plots go to ``benchmarks/plots/``.
 """
@@ -216,6 +218,186 @@ def step_bench(repeats: int, modes: Sequence[str] = ("id", "cobra"), steps: int 
                 ["mode", "loss variant", "ms/step", "speed-up (wall)", "tokens / CPU-s", "speed-up (CPU)",
                  "loss fwd+bwd ms", "encoder fwd+bwd ms", "peak RSS increase MB"], rows))
     return text, results
+
+
+# ----------------------------------------------------------------------------- 1c. issue 17 must-show
+
+
+MUST_NEGATIVES = 128
+"""Negatives per position of the reference computation the effective FLOP/s counts (held fixed)."""
+
+
+def reference_step_flops(tokens: float, square: float, positions: float, dim: int = 50, num_blocks: int = 2,
+                         num_heads: int = 1, dqk: int = 50, dv: int = 50,
+                         negatives: int = MUST_NEGATIVES) -> Dict[str, float]:
+    """FLOPs of the *reference* ML-100k ``id`` training step, whatever the path computes.
+
+    Encoder: :func:`benchmarks.bench_train.hstu_train_flops` (per layer, forward: ``uvqk``
+    2 T d H (2 dv + 2 dqk), output projection 2 T H dv d, attention 2 S H (dqk + dv) over the
+    full L x L square; training = 3 x forward). Loss: a sampled softmax with ``negatives``
+    negatives per position, each of the P positions scoring its positive and its R negatives
+    (d-dot products, 2 P (R + 1) d forward), backward = 2 x forward (query and candidate
+    gradients): 6 P (R + 1) d. Lookups, norms, SiLU, dropout, log-softmax and the optimizers are
+    not counted.
+    """
+    linear = 2 * tokens * dim * num_heads * (2 * dv + 2 * dqk) + 2 * tokens * num_heads * dv * dim
+    attention = 2 * square * num_heads * (dqk + dv)
+    encoder = 3 * num_blocks * (linear + attention)
+    loss = 6.0 * positions * (negatives + 1) * dim
+    return {"encoder": encoder, "loss": loss, "total": encoder + loss}
+
+
+def mustshow_run(repeats: int, steps: int, epochs: int, seeds: Sequence[int], json_path: str) -> Dict[str, Any]:
+    """Issue 17's must-show figures in one run: the matmul rate and the encoder alone
+    (``bench_train.hstu_flops``, as the suite's ``limit`` section), the ML-100k ``id`` and ``cobra``
+    training steps per loss path (:func:`step_bench`: fresh processes, interleaved), and the real
+    trainer on ML-100k ``gr`` for ``epochs`` epochs per path and seed (interleaved): epoch
+    tokens/s and test HR@10. Raw results go to ``json_path`` after every part."""
+    import tempfile
+
+    from benchmarks import bench_train
+    from benchmarks.common import call_worker, shared_data_root
+
+    data_dir, data_format, _ = bench_train.DATASETS["ml-100k"]
+    path = os.path.join(shared_data_root(), data_dir)
+    out: Dict[str, Any] = {"repeats": repeats, "steps": steps, "epochs": epochs, "seeds": list(seeds),
+                           "load_before": os.getloadavg()}
+
+    def save() -> None:
+        with open(json_path, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+
+    def limit() -> Dict[str, Any]:
+        return call_worker("bench_train", "hstu_flops", dict(ml100k_file=os.path.join(path, "u.data"), steps=5,
+                                                             matmul_n=2048, matmul_repeats=5), threads=1, timeout=900)
+
+    out["limit_before"] = limit()
+    save()
+    _, out["steps_results"] = step_bench(repeats, ("id", "cobra"), steps)
+    save()
+    names = list(STEP_VARIANTS)
+    trainer: Dict[str, List[Dict[str, Any]]] = {n: [] for n in names}
+    with tempfile.TemporaryDirectory(prefix="sidvid-must-") as tmp:
+        for i, seed in enumerate(seeds):
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                r = call_worker("bench_train", "trainer_loop", dict(
+                    config="configs/ml-100k/hstu.yaml", data_path=path, data_format=data_format,
+                    cache_dir="/tmp/sidvid-bench-cache", run_dir=os.path.join(tmp, f"{name[:5]}-{seed}"),
+                    epochs=epochs, extra=STEP_VARIANTS[name] + [f"train.seed={seed}"]), threads=1, timeout=1800)
+                r["seed"] = seed
+                trainer[name].append(r)
+                out["trainer"] = trainer
+                save()
+    out["limit_after"] = limit()
+    out["load_after"] = os.getloadavg()
+    save()
+    return out
+
+
+def mustshow_report(out: Dict[str, Any]) -> str:
+    """Markdown of :func:`mustshow_run`'s raw results."""
+    from benchmarks.bench_train import REFERENCE_TOKENS_PER_S
+
+    names = list(STEP_VARIANTS)
+    lims = [out["limit_before"], out["limit_after"]]
+    peak = max(l[k]["best_flops"] for l in lims for k in ("matmul_before", "matmul_after"))
+    enc_key = "ML-100k batch (128 users, <= 200)"
+    enc = [l["workloads"][enc_key] for l in lims]
+    enc_frac = statistics.median(e["achieved_flops"] for e in enc) / peak
+    res = out["steps_results"]
+
+    def step_rates(r: Dict[str, Any]) -> Tuple[float, float, Dict[str, float]]:
+        f = reference_step_flops(r["encoder_tokens_per_step"], r["square_per_step"], r["loss_positions_per_step"])
+        cpu_s = r["tokens_per_step"] / r["tokens_per_cpu_s"]
+        return f["total"] / (r["mean_step_ms"] / 1e3), f["total"] / cpu_s, f
+
+    id_rows, flop_info = [], {}
+    base_wall = statistics.median(step_rates(r)[0] for r in res["id"][names[0]])
+    base_cpu = statistics.median(step_rates(r)[1] for r in res["id"][names[0]])
+    for name in names:
+        rates = [step_rates(r) for r in res["id"][name]]
+        wall = statistics.median(x[0] for x in rates)
+        cpu = statistics.median(x[1] for x in rates)
+        flop_info = rates[0][2]
+        ms = statistics.median(r["mean_step_ms"] for r in res["id"][name])
+        id_rows.append([name, f"{ms:.0f}", f"{wall / 1e9:.1f}", f"{wall / base_wall:.2f}x",
+                        f"{cpu / 1e9:.1f}", f"{cpu / base_cpu:.2f}x", f"**{100 * wall / peak:.0f}%**",
+                        f"{100 * cpu / peak:.0f}%", "met" if wall / peak >= 0.40 else "**not met**"])
+    r0 = res["id"][names[0]][0]
+    cobra_rows = []
+    for name in names:
+        id_ms = statistics.median(r["mean_step_ms"] for r in res["id"][name])
+        co_ms = statistics.median(r["mean_step_ms"] for r in res["cobra"][name])
+        id_cpu = statistics.median(r["tokens_per_step"] / r["tokens_per_cpu_s"] for r in res["id"][name])
+        co_cpu = statistics.median(r["tokens_per_step"] / r["tokens_per_cpu_s"] for r in res["cobra"][name])
+        cobra_rows.append([name, f"{co_ms:.0f}", f"{id_ms:.0f}", f"**{co_ms / id_ms:.2f}x**", f"{co_cpu / id_cpu:.2f}x",
+                           "met" if co_ms / id_ms <= 1.5 else "**not met**"])
+    co_base = statistics.median(r["mean_step_ms"] for r in res["cobra"][names[0]])
+    trainer_rows = []
+    tr = out.get("trainer", {})
+
+    def epoch_rate(r: Dict[str, Any]) -> Tuple[float, float]:
+        times, cpus = r["epoch_s"][1:] or r["epoch_s"], r["epoch_cpu_s"][1:] or r["epoch_cpu_s"]
+        return r["tokens_per_epoch"] / statistics.median(times), r["tokens_per_epoch"] / statistics.median(cpus)
+
+    if tr:
+        tb = statistics.median(epoch_rate(r)[0] for r in tr[names[0]])
+        tbc = statistics.median(epoch_rate(r)[1] for r in tr[names[0]])
+        for name in names:
+            rs = tr[name]
+            w = statistics.median(epoch_rate(r)[0] for r in rs)
+            c = statistics.median(epoch_rate(r)[1] for r in rs)
+            hr = [r["test_hr10"] for r in rs]
+            old_hr = {r["seed"]: r["test_hr10"] for r in tr[names[0]]}
+            diffs = [r["test_hr10"] - old_hr[r["seed"]] for r in rs if r["seed"] in old_hr]
+            diff = (f"{statistics.mean(diffs):+.4f} ({min(diffs):+.4f} .. {max(diffs):+.4f})" if name != names[0]
+                    else "-")
+            trainer_rows.append([name, f"**{w:,.0f}**", f"{w / tb:.2f}x", f"{c:,.0f}", f"{c / tbc:.2f}x",
+                                 f"{w / 24994:.2f}x", f"{w / REFERENCE_TOKENS_PER_S:.2f}x",
+                                 "met" if w >= 2 * 24994 else "**not met**",
+                                 ", ".join(f"{h:.4f}" for h in hr),
+                                 f"{statistics.mean(hr):.4f}", diff])
+    text = [
+        "Matmul rate (the limit): best of 5 `torch.matmul` [2048, 2048] fp32, measured four times in this run "
+        "(before and after the encoder workload, at the start and at the end): "
+        + ", ".join(f"{l[k]['best_flops'] / 1e9:.1f}" for l in lims for k in ("matmul_before", "matmul_after"))
+        + f" GFLOP/s; the limit is the largest, **{peak / 1e9:.1f} GFLOP/s**.",
+        "**Encoder forward+backward alone** (`bench_train.hstu_flops`, the suite's `limit` workload, ML-100k batches): "
+        + ", ".join(f"{e['achieved_flops'] / 1e9:.1f}" for e in enc)
+        + f" GFLOP/s (start, end) = **{100 * enc_frac:.0f}%** of the matmul rate (target >= 50%: "
+        + ("met" if enc_frac >= 0.5 else "**not met**") + ").",
+        f"**Whole ML-100k `id` training step as effective FLOP/s** (reference FLOPs over the whole step's time: "
+        f"data, lookups, encoder, loss, backward, fused Adagrad, AdamW). Per step of this run's batches "
+        f"(T = {r0['encoder_tokens_per_step']:,.0f} tokens, S = sum L^2 = {r0['square_per_step']:,.0f}, "
+        f"P = {r0['loss_positions_per_step']:,.0f} loss positions): encoder {flop_info['encoder'] / 1e9:.2f} GFLOP + "
+        f"loss {flop_info['loss'] / 1e9:.2f} GFLOP = {flop_info['total'] / 1e9:.2f} GFLOP, the same count for every "
+        f"path. {out['repeats']} fresh processes per path, interleaved, {out['steps']} measured steps after 2 "
+        f"warm-up each; medians over processes of (FLOPs / mean step wall time) and (FLOPs / CPU time per step).",
+        md_table(["loss path", "ms / step", "effective GFLOP/s (wall)", "vs old (wall)", "effective GFLOP/CPU-s",
+                  "vs old (CPU)", "of matmul (wall)", "of matmul (CPU)", "target >= 40%"], id_rows),
+        f"**COBRA step / `id` step**, same users and batches (same seed, same `BatchIterator`; "
+        f"{res['cobra'][names[0]][0]['tokens_per_step']:,.0f} history tokens per step for both, COBRA's encoder "
+        f"sees {res['cobra'][names[0]][0]['encoder_tokens_per_step']:,.0f}); `configs/ml-100k/cobra.yaml` vs "
+        f"`configs/ml-100k/hstu.yaml` with the path's `loss.*` overrides, the same processes as above. COBRA old-path "
+        f"step {co_base:.0f} ms.",
+        md_table(["loss path", "COBRA ms / step", "id ms / step", "COBRA / id (wall)", "COBRA / id (CPU)",
+                  "target <= 1.5x"], cobra_rows),
+    ]
+    if trainer_rows:
+        text += [
+            f"**Trainer loop and quality**, ML-100k `gr` (`configs/ml-100k/hstu.yaml`, `run_training`, "
+            f"{out['epochs']} epochs per run, seeds {out['seeds']}, one run per path and seed, the path order "
+            f"rotated per seed). tokens/s: the {tr[names[0]][0]['tokens_per_epoch']:,} training tokens of an epoch "
+            f"over the median epoch time after the first; median over seeds. HR@10: test HR@10 "
+            f"(one held-out item for each of the {tr[names[0]][0]['sequences_per_epoch']} users) after the last "
+            f"epoch (the identical {out['epochs']}-epoch budget for every path; the config's 101-epoch budget is "
+            f"not run here). Recorded baseline: 24,994 tokens/s (suite, 2026-11-30, old path).",
+            md_table(["loss path", "tokens/s (wall)", "vs old (this run)", "tokens / CPU-s", "vs old (CPU)",
+                      "vs 24,994", "vs reference 6,511", "target >= 2 x 24,994", "test HR@10 per seed",
+                      "HR@10 mean", "HR@10 minus old, same seed: mean (min .. max)"], trainer_rows),
+        ]
+    text.append(f"Load average before / after: {out['load_before']} / {out.get('load_after')}.")
+    return "\n\n".join(text)
 
 
 # ----------------------------------------------------------------------------- 3. evaluation and decoding
@@ -727,10 +909,23 @@ def threads_bench(repeats: int) -> Tuple[str, Dict[str, Any]]:
 # ----------------------------------------------------------------------------- main
 
 
+def _mustshow(args: argparse.Namespace) -> Tuple[str, Dict[str, Any]]:
+    if args.report:
+        with open(args.report) as f:
+            out = json.load(f)
+    else:
+        out = mustshow_run(args.repeats, args.steps, args.epochs, args.seeds, args.json or "/tmp/mustshow.json")
+    return mustshow_report(out), out
+
+
 def main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["loss", "step", "decode", "length", "catalogue", "negatives", "threads",
-                                         "combine"])
+                                         "combine", "mustshow"])
+    parser.add_argument("--steps", type=int, default=6, help="mustshow: measured steps per process")
+    parser.add_argument("--epochs", type=int, default=10, help="mustshow: trainer epochs per run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="mustshow: trainer seeds")
+    parser.add_argument("--report", default="", help="mustshow: only format this raw JSON")
     parser.add_argument("--timing", nargs="*", default=[], help="combine: NAME=JSON of the default-allocator runs")
     parser.add_argument("--memory", nargs="*", default=[], help="combine: NAME=JSON of the mmap-threshold runs")
     parser.add_argument("--repeats", type=int, default=7)
@@ -741,6 +936,7 @@ def main(argv: List[str]) -> int:
                    "decode": lambda: decode_bench(args.repeats), "length": curve_length,
                    "catalogue": curve_catalogue, "negatives": curve_negatives,
                    "threads": lambda: threads_bench(args.repeats),
+                   "mustshow": lambda: _mustshow(args),
                    "combine": lambda: (combine_curves(dict(a.split("=", 1) for a in args.timing),
                                                       dict(a.split("=", 1) for a in args.memory)), {})}[args.what]()
     print(text)

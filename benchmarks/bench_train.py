@@ -120,7 +120,13 @@ def _instrument(model: Any, clock: Any, marks: Dict[str, float], device: str) ->
         model._sid_loss = clock.wrap("loss", model._sid_loss)
         model.vid_loss.forward = clock.wrap("loss", model.vid_loss.forward)
     else:
-        model.loss.forward = clock.wrap("loss", model.loss.forward)
+        loss_forward = clock.wrap("loss", model.loss.forward)
+
+        def counted_loss(query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            marks["loss_positions"] = marks.get("loss_positions", 0.0) + float(query.shape[0])
+            return loss_forward(query, *args, **kwargs)
+
+        model.loss.forward = counted_loss
 
 
 def train_steps(config: str, mode: str, data_path: str, data_format: str, cache_dir: str, sids_dir: str,
@@ -192,8 +198,11 @@ def train_steps(config: str, mode: str, data_path: str, data_format: str, cache_
         forward = clock.take()
         grad_out = marks.get("encoder_out", backward_start)
         grad_in = marks.get("encoder_in", grad_out)
+        lengths = batch.jagged("item_id").lengths()
         records.append({
             "seconds": elapsed,
+            "square": int((lengths * lengths).sum()),
+            "loss_positions": int(marks.get("loss_positions", 0)),
             "cpu_seconds": cpu,
             "tokens": int(batch.jagged("item_id").lengths().sum()),
             "sequences": batch.batch_size,
@@ -218,6 +227,8 @@ def train_steps(config: str, mode: str, data_path: str, data_format: str, cache_
         "ms_per_step": 1e3 * statistics.median(r["seconds"] for r in records),
         "tokens_per_step": sum(r["tokens"] for r in records) / n,
         "encoder_tokens_per_step": sum(r["encoder_tokens"] for r in records) / n,
+        "square_per_step": sum(r["square"] for r in records) / n,  # sum of L^2 over the batch's sequences
+        "loss_positions_per_step": sum(r["loss_positions"] for r in records) / n,  # id / sid_id only
         "fwd_ms": {p: 1e3 * sum(r["fwd"][p] for r in records) / n for p in PHASES},
         "bwd_ms": {p: 1e3 * sum(r["bwd"][p] for r in records) / n for p in ("loss", "encoder", "embedding")},
         "mean_step_ms": 1e3 * total_s / n,
@@ -227,7 +238,7 @@ def train_steps(config: str, mode: str, data_path: str, data_format: str, cache_
 
 
 def trainer_loop(config: str, data_path: str, data_format: str, cache_dir: str, run_dir: str, epochs: int,
-                 device: str = "cpu") -> Dict[str, Any]:
+                 device: str = "cpu", extra: Optional[List[str]] = None) -> Dict[str, Any]:
     """``run_training`` for ``epochs`` epochs (protocol gr); each epoch's training loop is timed.
 
     Evaluation (only after the last epoch here) and checkpoint writes lie outside the timed
@@ -242,7 +253,7 @@ def trainer_loop(config: str, data_path: str, data_format: str, cache_dir: str, 
 
     cfg = load_config(config, _overrides(data_path, data_format, cache_dir, [
         "model.mode=id", "data.protocol=gr", f"train.epochs={epochs}", "train.eval_every=100000",
-        f"train.device={device}"]))
+        f"train.device={device}", *(extra or [])]))
     data = load_sequences(cfg.data)
     split = make_split(data, "train", cfg.data.protocol, cfg.data.max_len)
     tokens = int(np.diff(split.offsets).sum()) - split.num_examples  # inputs: every item but the last

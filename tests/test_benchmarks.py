@@ -41,6 +41,16 @@ def test_hstu_flops_formula():
     assert hstu_train_flops([1, 2], 2, 4, 1, 1, 1)["total"] == 4 * f["total"]
 
 
+def test_reference_step_flops_formula():
+    from benchmarks.bench_perf import reference_step_flops
+
+    # the encoder part is hstu_train_flops's; the loss scores 1 + R candidates per position, x3 for backward
+    f = reference_step_flops(tokens=3, square=5, positions=3, dim=2, num_blocks=1, num_heads=1, dqk=1, dv=1,
+                             negatives=4)
+    assert f["encoder"] == hstu_train_flops([1, 2], dim=2, num_blocks=1, num_heads=1, dqk=1, dv=1)["total"]
+    assert f["loss"] == 3 * 2 * 3 * (4 + 1) * 2 and f["total"] == f["encoder"] + f["loss"]
+
+
 def test_phase_clock_books_nested_time_once():
     clock = PhaseClock()
     with clock.phase("outer"):
