@@ -5,9 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from sidvid_rec.data.batches import FEATURE_KEYS, SequenceBatch
+from batches import make_batch
 from sidvid_rec.losses import InfoNCELoss, SampledSoftmaxLoss
 from sidvid_rec.models.cobra import CobraRecommender
 from sidvid_rec.semantic_ids.codebook import sid_catalog
@@ -37,30 +36,6 @@ def tiny_model(negatives: str = "in_batch_global", seed: int = 0, text: bool = F
     return CobraRecommender(emb, enc, SampledSoftmaxLoss(NUM_ITEMS, 16, 0.1),
                             InfoNCELoss(NUM_ITEMS, negatives, 16, queue_size=32, dim=DIM, temperature=0.1),
                             codes, vid_weight=0.5, temperature=0.1, text_embeddings=text_emb)
-
-
-def make_batch(histories, targets, training: bool) -> SequenceBatch:
-    """Hand-built batch; timestamps are 100 * (position + 1) + 7 * sequence."""
-    items, times, tgt, tgt_times, lengths, tgt_lengths = [], [], [], [], [], []
-    for b, (hist, target) in enumerate(zip(histories, targets)):
-        ts = [100 * (i + 1) + 7 * b for i in range(len(hist) + 1)]
-        items += hist
-        times += ts[:-1]
-        lengths.append(len(hist))
-        if training:  # a target per position: the next item
-            full = hist + [target]
-            tgt += full[1:]
-            tgt_times += ts[1:]
-            tgt_lengths.append(len(hist))
-        else:
-            tgt.append(target)
-            tgt_times.append(ts[-1])
-            tgt_lengths.append(1)
-    values = torch.tensor(items + times + tgt + tgt_times, dtype=torch.int64)
-    all_lengths = torch.tensor(lengths + lengths + tgt_lengths + tgt_lengths, dtype=torch.int32)
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=FEATURE_KEYS, values=values, lengths=all_lengths)
-    n = len(histories)
-    return SequenceBatch(kjt, torch.arange(n), torch.ones(n), training)
 
 
 # ----------------------------------------------------------------------------- layout

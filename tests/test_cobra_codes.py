@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from batches import histories_of
 from sidvid_rec.cli import main
 from sidvid_rec.errors import ConfigError
 
@@ -59,14 +60,6 @@ def decoded(codes_run):
     return {"cfg": cfg, "module": module, "batch": batch, "ctx": ctx, "tops": tops}
 
 
-def _histories(batch):
-    items, times = batch.jagged("item_id"), batch.jagged("timestamp")
-    offsets, targets = items.offsets(), batch.jagged("target_timestamp").values()
-    for b in range(offsets.numel() - 1):
-        lo, hi = int(offsets[b]), int(offsets[b + 1])
-        yield b, items.values()[lo:hi].tolist(), times.values()[lo:hi].tolist(), int(targets[b])
-
-
 def test_run_trains_evaluates_and_records_the_head(codes_run, decoded):
     metrics = json.loads((codes_run["run"] / "metrics.json").read_text())
     assert metrics  # training validated with the codes head's beam decoder
@@ -81,7 +74,7 @@ def test_decoders_return_k_distinct_items_outside_the_history(decoded, kind):
     top, batch = decoded["tops"][kind], decoded["batch"]
     num_items = decoded["module"].num_items
     assert top.items.shape == (12, K)
-    for b, history, _, _ in _histories(batch):
+    for b, history, _, _ in histories_of(batch):
         items = top.items[b].tolist()
         assert len(set(items)) == K and all(1 <= i <= num_items for i in items) and not set(items) & set(history)
 
@@ -131,7 +124,7 @@ def test_retrieve_equals_the_trained_decoder(codes_run, decoded, kind):
 
     export = load_export(str(codes_run["out"]))
     top = decoded["tops"][kind]
-    for b, history, times, query_time in _histories(decoded["batch"]):
+    for b, history, times, query_time in histories_of(decoded["batch"]):
         got = export.retrieve(history, k=K, timestamps=times, query_time=query_time, raw_ids=False, decoder=kind)
         assert got.ids.tolist() == top.items[b].tolist(), (kind, b)
         assert torch.allclose(torch.tensor([it["score"] for it in got.items]), top.scores[b].float(), atol=2e-6)

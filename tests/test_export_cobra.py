@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 
+from batches import histories_of
 from sidvid_rec.cli import main
 
 SIDS = ["sids.encoder=tfidf", "sids.tfidf_dim=16", "sids.codebook_size=8", "sids.layers=2", "sids.kmeans_iters=3",
@@ -61,14 +62,6 @@ def decoded(cobra_export):
     return {"cfg": cfg, "data": data, "module": module, "batch": batch, "tops": tops}
 
 
-def _histories(batch):
-    items, times = batch.jagged("item_id"), batch.jagged("timestamp")
-    offsets, targets = items.offsets(), batch.jagged("target_timestamp").values()
-    for b in range(offsets.numel() - 1):
-        lo, hi = int(offsets[b]), int(offsets[b + 1])
-        yield b, items.values()[lo:hi].tolist(), times.values()[lo:hi].tolist(), int(targets[b])
-
-
 def test_manifest_records_what_decoding_needs(cobra_export, decoded):
     import safetensors.torch
 
@@ -96,7 +89,7 @@ def test_retrieve_equals_the_trained_decoder(cobra_export, decoded, kind):
 
     export = load_export(str(cobra_export["out"]))
     top = decoded["tops"][kind]
-    for b, history, times, query_time in _histories(decoded["batch"]):
+    for b, history, times, query_time in histories_of(decoded["batch"]):
         got = export.retrieve(history, k=K, timestamps=times, query_time=query_time, raw_ids=False, decoder=kind)
         assert got.ids.tolist() == top.items[b].tolist(), (kind, b)
         assert torch.allclose(torch.tensor([it["score"] for it in got.items]), top.scores[b].float(), atol=2e-6)
@@ -111,7 +104,7 @@ def test_retrieve_many_decodes_the_histories_together(cobra_export, decoded, kin
 
     export = load_export(str(cobra_export["out"]))
     top = decoded["tops"][kind]
-    rows = list(_histories(decoded["batch"]))
+    rows = list(histories_of(decoded["batch"]))
     queries = [Query(h, K if b % 3 else 4, t, q, kind) for b, h, t, q in rows]
     got = export.retrieve_many(queries, raw_ids=False)
     for (b, *_), result in zip(rows, got):
@@ -127,7 +120,7 @@ def test_default_decoder_is_the_runs(cobra_export, decoded):
     from sidvid_rec.export.serving import load_export
 
     export = load_export(str(cobra_export["out"]))
-    b, history, times, query_time = next(_histories(decoded["batch"]))
+    b, history, times, query_time = next(histories_of(decoded["batch"]))
     got = export.retrieve(history, k=K, timestamps=times, query_time=query_time, raw_ids=False)
     assert got.ids.tolist() == decoded["tops"]["beam"].items[b].tolist()  # eval.decoder=beam, beam_size=3, sum
 
@@ -153,7 +146,7 @@ def test_long_history_encodes_the_recent_steps_and_filters_all(cobra_export, dec
 
 def test_cli_prints_one_json_object(cobra_export, decoded, capsys):
     data = decoded["data"]
-    b, history, times, query_time = next(_histories(decoded["batch"]))
+    b, history, times, query_time = next(histories_of(decoded["batch"]))
     expected = decoded["tops"]["soft"].items[b][:5].tolist()
     argv = ["retrieve", str(cobra_export["out"]), "--history", ",".join(str(data.item_raw_ids[i]) for i in history),
             "--timestamps", ",".join(map(str, times)), "--query-time", str(query_time), "--k", "5",

@@ -6,9 +6,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from sidvid_rec.data.batches import FEATURE_KEYS, SequenceBatch
+from batches import make_batch as _make_batch
+from sidvid_rec.data.batches import SequenceBatch
 from sidvid_rec.decode.sid_beam import sid_beam_search
 from sidvid_rec.errors import DataError
 from sidvid_rec.eval.evaluate import list_ranks
@@ -16,7 +16,6 @@ from sidvid_rec.models.sid_gen import SidGenRecommender, sid_gen_max_tokens
 from sidvid_rec.modules.code_embeddings import CodeTokenEmbeddings
 from sidvid_rec.modules.hstu import HSTUEncoder
 from sidvid_rec.modules.sid_tokens import append_rows, code_tokens
-from sidvid_rec.ops import jagged
 from sidvid_rec.semantic_ids.trie import SidTrie
 from sidvid_rec.types import MISSING_ID
 
@@ -36,6 +35,15 @@ def _codes(seed: int = 0) -> np.ndarray:
     return np.concatenate([np.full((1, 3), -1), codes])
 
 
+def quadratic_times(position: int, sequence: int) -> int:
+    """Timestamps that grow quadratically, so every time-bias bucket differs: 1000 * (p + 1)^2 + 7 * s."""
+    return 1000 * (position + 1) ** 2 + 7 * sequence
+
+
+def make_batch(histories, targets, training: bool) -> SequenceBatch:
+    return _make_batch(histories, targets, training, time_of=quadratic_times)
+
+
 def tiny_model(scale: str = "length", seed: int = 0) -> SidGenRecommender:
     torch.manual_seed(seed)
     codes = _codes()
@@ -46,28 +54,6 @@ def tiny_model(scale: str = "length", seed: int = 0) -> SidGenRecommender:
         layer.rel_bias.ts_w.data.normal_(std=0.3)
         layer.rel_bias.pos_w.data.normal_(std=0.3)
     return SidGenRecommender(CodeTokenEmbeddings(sum(trie.level_sizes), DIM), enc, codes, temperature=0.2).eval()
-
-
-def make_batch(histories, targets, training: bool) -> SequenceBatch:
-    items, times, tgt, tgt_times, lengths, tgt_lengths = [], [], [], [], [], []
-    for b, (hist, target) in enumerate(zip(histories, targets)):
-        ts = [1000 * (i + 1) ** 2 + 7 * b for i in range(len(hist) + 1)]
-        items += hist
-        times += ts[:-1]
-        lengths.append(len(hist))
-        if training:
-            full = hist + [target]
-            tgt += full[1:]
-            tgt_times += ts[1:]
-            tgt_lengths.append(len(hist))
-        else:
-            tgt.append(target)
-            tgt_times.append(ts[-1])
-            tgt_lengths.append(1)
-    values = torch.tensor(items + times + tgt + tgt_times, dtype=torch.int64)
-    all_lengths = torch.tensor(lengths + lengths + tgt_lengths + tgt_lengths, dtype=torch.int32)
-    kjt = KeyedJaggedTensor.from_lengths_sync(keys=FEATURE_KEYS, values=values, lengths=all_lengths)
-    return SequenceBatch(kjt, torch.arange(len(histories)), torch.ones(len(histories)), training)
 
 
 HISTORIES = [[3, 9, 27, 1, 14, 30, 2, 8], [5, 6], [11, 12, 40, 7]]
