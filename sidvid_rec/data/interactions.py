@@ -132,7 +132,7 @@ def _column_names(path: str) -> List[str]:
         with storage.open_file(path, "rb") as f:
             if _is_parquet(path):
                 return list(pq.ParquetFile(f).schema_arrow.names)
-            return list(pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 20)).schema.names)
+            return list(pacsv.open_csv(f, read_options=pacsv.ReadOptions(block_size=1 << 20, use_threads=False)).schema.names)
     except (pa.ArrowException, OSError, ValueError) as e:
         kind = "Parquet" if _is_parquet(path) else "CSV"
         raise DataError(f"{path}: not a readable {kind} file ({_first_line(e)})")
@@ -160,7 +160,8 @@ def _batches(path: str, columns: Dict[str, str], batch_rows: int, optional: Tupl
                 stream = _parquet_batches(pq.ParquetFile(f), wanted, batch_rows)
             else:
                 stream = pacsv.open_csv(
-                    f, read_options=pacsv.ReadOptions(block_size=int(min(max(batch_rows * 40, 1 << 16), 1 << 30))),
+                    f, read_options=pacsv.ReadOptions(block_size=int(min(max(batch_rows * 40, 1 << 16), 1 << 30)),
+                                                      use_threads=False),
                     parse_options=pacsv.ParseOptions(newlines_in_values=newlines_in_values),
                     convert_options=pacsv.ConvertOptions(include_columns=wanted, strings_can_be_null=True,
                                                          column_types={c: pa.string() for c in wanted}))
@@ -174,9 +175,13 @@ def _batches(path: str, columns: Dict[str, str], batch_rows: int, optional: Tupl
 
 def _parquet_batches(parquet, columns: List[str], batch_rows: int):
     """The record batches of ``columns``, one row group at a time (``ParquetFile.iter_batches``
-    keeps memory of every row group it has read: +1 GiB over a 540 MB file, measured)."""
+    keeps memory of every row group it has read: +1 GiB over a 540 MB file, measured).
+
+    Every read runs on the calling thread (``use_threads=False``): a read handed to Arrow's pool
+    can leave a worker alive into interpreter shutdown, which then aborts the finished process
+    ("terminate called without an active exception", apache/arrow#34314; seen once in CI)."""
     for group in range(parquet.num_row_groups):
-        table = parquet.read_row_group(group, columns=columns)
+        table = parquet.read_row_group(group, columns=columns, use_threads=False)
         yield from table.to_batches(max_chunksize=batch_rows)
         del table
 

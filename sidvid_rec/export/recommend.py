@@ -235,7 +235,7 @@ class RecommendJob:
                 with pq.ParquetWriter(f, _schema()) as writer:
                     for i in range(self.num_parts):
                         with storage.open_file(self.part_path(i), "rb") as part:
-                            writer.write_table(pq.read_table(part, schema=_schema()))
+                            writer.write_table(pq.read_table(part, schema=_schema(), use_threads=False))
         storage.remove_tree(self.parts_dir)
 
     def run(self) -> Dict[str, Any]:
