@@ -259,6 +259,11 @@ CASES = [
     Case("convert-onto-an-existing-file", ["data", "convert", "{ws}/data", "--out", "{ws}/x.parquet",
                                            "data.cache_dir={ws}/cache"], "--overwrite",
          lambda ws: _created(ws, "x.parquet", b"not mine to replace")),
+    # the most-popular baseline reads and evaluates, and writes nothing but its cache
+    Case("baseline-valid-under-gr", ["data", "baseline", "{ws}/data", "--split", "valid", "data.protocol=gr",
+                                     "data.cache_dir={ws}/cache"], "no validation split"),
+    Case("baseline-unknown-split", ["data", "baseline", "{ws}/data", "--split", "dev"], "--split"),
+    Case("baseline-no-data", ["data", "baseline", "{ws}/nothing-here", "data.cache_dir={ws}/cache"], "nothing-here"),
     # serve refuses before it listens
     Case("serve-not-an-export", ["serve", "{ws}/foreign", "--port", "0"], "foreign"),
     Case("serve-tampered-export", ["serve", "{ws}/export", "--port", "0"], "sha256",

@@ -15,6 +15,7 @@ def _pipeline(capsys, run, cache, *extra):
     rc = main(["pipeline", "--run-dir", str(run), f"data.cache_dir={cache}", *FAST, *extra])
     captured = capsys.readouterr()
     assert rc == 0, captured.err[-2000:]
+    assert "(most popular, the same evaluation: HR@10 " in captured.err
     return json.loads(captured.out.strip().splitlines()[-1])
 
 
@@ -23,6 +24,9 @@ def test_pipeline_runs_each_step_once_and_reruns_what_changed(tmp_path, capsys):
     first = _pipeline(capsys, run, cache)
     assert first["steps"] == {s: "ran" for s in ("embed", "sids", "train", "evaluate", "export")}
     assert first["test"]["count"] == 610
+    # the most-popular baseline, measured by the same evaluation, beside the model's figures
+    assert set(first["most_popular"]) == set(first["test"]) and first["most_popular"]["count"] == 610
+    assert 0 < first["most_popular"]["hr@10"] < 1
     export = run / "export"
     manifest = json.loads((export / "manifest.json").read_text())
     assert manifest["model"]["mode"] == "sid_id" and "sids/codes.safetensors" in manifest["files"]

@@ -92,18 +92,29 @@ def test_trie_available_drops_prefixes_whose_items_are_all_seen():
     assert not bool(avail[0, node]) and int(avail[0].sum()) == trie.num_nodes(1) - 1
 
 
-def test_trie_available_nodes_equals_the_dense_table():
-    """The sparse look-up the beam uses gives :meth:`SidTrie.available` at the asked nodes."""
+def test_trie_available_children_equals_the_dense_table():
+    """The sparse look-up the beam uses gives :meth:`SidTrie.available` at the beams' children
+    (True where no child exists), at every level, with a coarse prefix wholly in one history."""
     codes = _codes()
     trie = SidTrie.from_codes(codes)
     gen = torch.Generator().manual_seed(3)
-    history = torch.randint(1, NUM_ITEMS + 1, (40,), generator=gen)
-    offsets = torch.tensor([0, 15, 15, 40])  # an empty history in the middle
+    group = [i for i in range(1, NUM_ITEMS + 1) if tuple(codes[i, :2]) == tuple(codes[1, :2])]
+    history = torch.cat([torch.tensor(group), torch.randint(1, NUM_ITEMS + 1, (40,), generator=gen)])
+    offsets = torch.tensor([0, 15 + len(group), 15 + len(group), history.numel()])  # an empty history in the middle
+    exhausted = 0
     for level in range(trie.num_levels):
         dense = trie.available(level, history, offsets)
-        nodes = torch.randint(0, trie.num_nodes(level), (3, 4, 5), generator=gen)
-        expected = torch.stack([dense[b][nodes[b]] for b in range(3)])
-        assert torch.equal(trie.available_nodes(level, nodes, history, offsets), expected)
+        parents = (torch.zeros(3, 1, dtype=torch.long) if level == 0
+                   else torch.randint(0, trie.num_nodes(level - 1), (3, 4), generator=gen))
+        if level == 1:
+            parents[0, 2] = int(trie.node_of_item[0][group[0]])  # the parent of the exhausted prefix
+        children = trie.children[level][parents]  # [3, w, K]
+        expected = torch.stack([torch.where(children[b] >= 0, dense[b][children[b].clamp(min=0)], True)
+                                for b in range(3)])
+        got = trie.available_children(level, parents, history, offsets)
+        assert got.shape == children.shape and torch.equal(got, expected)
+        exhausted += int((~got).sum())
+    assert exhausted > 0  # the test reaches the masking branch
 
 
 def test_code_tokens_and_append_rows():

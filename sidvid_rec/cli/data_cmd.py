@@ -1,5 +1,11 @@
-"""``sidvid-rec data stats|prepare|convert``: inspect a data set, write its preprocessed cache, or
-write a built-in data set (MovieLens, Amazon) as an ``interactions`` table plus its item table.
+"""``sidvid-rec data stats|prepare|convert|baseline``: inspect a data set, write its preprocessed
+cache, write a built-in data set (MovieLens, Amazon) as an ``interactions`` table plus its item
+table, or measure the most-popular baseline.
+
+``data baseline [PATH] [--split valid|test]``: every user gets the items the training split
+holds most often (:mod:`sidvid_rec.eval.popularity`), ranked by the same full-ranking
+evaluation as a trained model (``data.protocol``, ``data.max_len``, ``eval.ks``,
+``eval.filter_history``). Prints ``{"baseline": "most_popular", "split": ..., "metrics": {...}}``.
 
 ``data convert [PATH] [--format F] --out FILE.parquet|FILE.csv [--items-out FILE]``: the
 interactions (``data.user_col``, ``data.item_col``, ``data.time_col``, ``rating``) in the
@@ -43,8 +49,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_config_args(convert)
     convert.set_defaults(func=run_convert)
 
+    baseline = commands.add_parser("baseline", help="full-ranking metrics of the most-popular baseline as JSON")
+    baseline.add_argument("path", nargs="?", default=None, help="data directory (default: data.path of the config)")
+    baseline.add_argument("--format", default=None, help="data format (default: auto-detect)")
+    baseline.add_argument("--split", choices=["valid", "test"], default="test")
+    add_config_args(baseline)
+    baseline.set_defaults(func=run_baseline)
+
 
 def _data_config(args: argparse.Namespace):
+    return _config(args).data
+
+
+def _config(args: argparse.Namespace):
     overrides = list(args.overrides)
     if args.path is not None and "=" in args.path:  # argparse gives the first override to `path`
         overrides.insert(0, args.path)
@@ -54,7 +71,7 @@ def _data_config(args: argparse.Namespace):
     if args.format is not None:
         overrides.append(f"data.format={args.format}")
     args.overrides = overrides
-    return config_from_args(args).data
+    return config_from_args(args)
 
 
 def run_stats(args: argparse.Namespace) -> int:
@@ -93,4 +110,17 @@ def run_convert(args: argparse.Namespace) -> int:
         raise DataError(f"{path} is already in the interactions format; convert reads a built-in format "
                         f"({', '.join(readers.FORMAT_FILES)})")
     print(json.dumps(interactions.write_tables(readers.read(path, fmt), out, items_out, cfg)))
+    return 0
+
+
+def run_baseline(args: argparse.Namespace) -> int:
+    from sidvid_rec.errors import ConfigError
+    from sidvid_rec.eval.popularity import evaluate_most_popular  # here: `data stats` must not load torch
+
+    cfg = _config(args)
+    if args.split == "valid" and cfg.data.protocol == "gr":
+        raise ConfigError("protocol gr has no validation split; use --split test")
+    metrics = evaluate_most_popular(load_sequences(cfg.data), args.split, cfg.data.protocol, cfg.data.max_len,
+                                    cfg.eval.ks, cfg.eval.filter_history, cfg.eval.batch_size)
+    print(json.dumps({"baseline": "most_popular", "split": args.split, "metrics": metrics}))
     return 0

@@ -352,6 +352,20 @@ def _slice_jagged(data: SequenceData, starts: np.ndarray, ends: np.ndarray, user
     return Split(data.item_values[index], data.timestamps[index], offsets, users.astype(np.int64))
 
 
+_HOLDOUT = {"loo": {"train": 2, "valid": 2, "test": 1}, "gr": {"train": 1, "test": 1}}
+"""Items held out at the end of each user's sequence, per protocol and split (the split's
+examples end there; an evaluation split's target is the first held-out item)."""
+
+
+def training_item_counts(data: SequenceData, protocol: str) -> np.ndarray:
+    """``[N + 1]`` interactions per item in the training split (every user's sequence without
+    its held-out items, not cut to ``max_len``); row 0, the padding item, counts 0."""
+    lengths = np.maximum(np.diff(data.offsets) - _HOLDOUT[protocol]["train"], 0)
+    keep = np.arange(data.item_values.size) - np.repeat(data.offsets[:-1], np.diff(data.offsets)) \
+        < np.repeat(lengths, np.diff(data.offsets))
+    return np.bincount(data.item_values[keep], minlength=data.num_items + 1)
+
+
 def make_split(data: SequenceData, split: str, protocol: str, max_len: int) -> Split:
     """Builds ``train``, ``valid`` or ``test`` examples.
 
@@ -360,7 +374,7 @@ def make_split(data: SequenceData, split: str, protocol: str, max_len: int) -> S
     no validation. Histories keep the most recent ``max_len`` items; training sequences keep
     ``max_len + 1`` so that each has up to ``max_len`` supervised positions.
     """
-    holdout = {"loo": {"train": 2, "valid": 2, "test": 1}, "gr": {"train": 1, "test": 1}}[protocol]
+    holdout = _HOLDOUT[protocol]
     if split not in holdout:
         raise DataError(f"protocol {protocol!r} has no {split!r} split (splits: {', '.join(holdout)})")
     starts, ends = data.offsets[:-1], data.offsets[1:] - holdout[split]

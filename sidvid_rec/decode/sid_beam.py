@@ -116,8 +116,9 @@ def beam_over_codes(states_of, tables: GenerationTables, trie: SidTrie, batch: i
                     available=None) -> Tuple[Tensor, Tensor]:
     """The trie-constrained beam over the ``L`` levels: ``(scores [B, w], leaf node [B, w])``,
     best first (``w <= width``; dead beams score ``-inf``). ``states_of`` gives each level's
-    states (``.first [B, D]``, ``.next(level, tokens, parent_rows)``); ``available(level, nodes)``:
-    which of the level's ``nodes [B, w, K]`` have items left after history filtering, or ``None``."""
+    states (``.first [B, D]``, ``.next(level, tokens, parent_rows)``); ``available(level, beams)``:
+    ``[B, w, K]``, which children of the beams' nodes ``beams [B, w]`` have items left after
+    history filtering, or ``None``."""
     device = states_of.first.device
     scores = torch.zeros(batch, 1, device=device)
     node = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the root
@@ -128,7 +129,7 @@ def beam_over_codes(states_of, tables: GenerationTables, trie: SidTrie, batch: i
             states = states_of.next(level, tokens, parent_rows)
         logits = tables.level_logits(states, level).view(batch, node.shape[1], -1)
         children = trie.children[level][node]
-        allowed = None if available is None else available(level, children.clamp(min=0))
+        allowed = None if available is None else available(level, node)
         scores, parent, node = _expand(scores, logits, children, allowed, width)
         node = node.clamp(min=0)  # dead beams (score -inf, fewer valid prefixes than W) point anywhere
         parent_rows = (parent + torch.arange(batch, device=device).unsqueeze(1) * logits.shape[1]).reshape(-1)
@@ -150,8 +151,8 @@ def sid_beam_search(encoder: nn.Module, tables: GenerationTables, trie: SidTrie,
     batch = inputs.offsets.numel() - 1
     available = None
     if filter_history:
-        def available(level: int, nodes: Tensor) -> Tensor:
-            return trie.available_nodes(level, nodes, inputs.history, inputs.history_offsets)
+        def available(level: int, beams: Tensor) -> Tensor:
+            return trie.available_children(level, beams, inputs.history, inputs.history_offsets)
     scores, node = beam_over_codes(states_of, tables, trie, batch, width, available)
     items = torch.where(torch.isfinite(scores), trie.item_of_leaf[node.clamp(min=0)], MISSING_ID)
     items, scores = items[:, :k], scores[:, :k]

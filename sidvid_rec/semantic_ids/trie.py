@@ -10,11 +10,13 @@ Tensors (all int64):
 * ``node_of_item[l] [N + 1]``: the level-``l`` node of each item (-1 for padding);
 * ``children[l] [M_{l-1}, K_l]``: the level-``l`` node reached from a level-``l-1`` node by
   code ``c``, or -1 when no item has that prefix (``M_{-1} = 1``, the root);
-* ``node_code[l] [M_l]``: the last code of each node; ``items_under[l] [M_l]`` its item count;
+* ``node_code[l] [M_l]``: the last code of each node; ``node_parent[l] [M_l]`` its level-``l-1``
+  node (0, the root, at level 0); ``items_under[l] [M_l]`` its item count;
 * ``item_of_leaf [M_{L-1}]``: the item a full SID names.
 
 A beam search masks children that are -1 (never an invalid prefix) and, with history
-filtering, children whose every item is in the history (:meth:`SidTrie.available`).
+filtering, children whose every item is in the history (:meth:`SidTrie.available_children`;
+:meth:`SidTrie.available` is its dense reference).
 
 Example::
 
@@ -47,6 +49,7 @@ class SidTrie:
         self.node_of_item: List[Tensor] = []
         self.children: List[Tensor] = []
         self.node_code: List[Tensor] = []
+        self.node_parent: List[Tensor] = []
         self.items_under: List[Tensor] = []
         parent = np.zeros(self.num_items, dtype=np.int64)  # every item hangs off the root
         num_parents = 1
@@ -59,6 +62,7 @@ class SidTrie:
             self.children.append(torch.from_numpy(children))
             self.node_of_item.append(torch.from_numpy(np.concatenate([[-1], node])))
             self.node_code.append(torch.from_numpy(keys % size))
+            self.node_parent.append(torch.from_numpy(keys // size))
             self.items_under.append(torch.from_numpy(counts.astype(np.int64)))
             parent, num_parents = node, keys.size
         if num_parents != self.num_items:  # fewer full SIDs than items (vectorised: no row-wise unique)
@@ -89,30 +93,36 @@ class SidTrie:
         seen.index_put_((user[real], node[real]), torch.ones_like(node[real]), accumulate=True)
         return seen < self.items_under[level].to(history.device).unsqueeze(0)
 
-    def available_nodes(self, level: int, nodes: Tensor, history: Tensor, history_offsets: Tensor) -> Tensor:
-        """``nodes [B, ...]`` level-``l`` nodes (one row per example) -> bool of the same shape:
-        :meth:`available` at just those nodes, without a ``[B, M_l]`` table (the cost follows the
-        history and the nodes asked for, not the catalogue)."""
-        batch, device = nodes.shape[0], nodes.device
-        lengths = history_offsets[1:] - history_offsets[:-1]
-        user = torch.repeat_interleave(torch.arange(batch, device=device), lengths.to(device))
+    def available_children(self, level: int, parents: Tensor, history: Tensor, history_offsets: Tensor) -> Tensor:
+        """``parents [B, w]`` level-``l-1`` nodes (the beams; the root 0 at level 0) -> ``[B, w, K_l]``
+        bool: False where child ``c`` exists and every item under it is in the example's history,
+        True elsewhere (children that do not exist are the caller's to mask: ``children < 0``).
+
+        :meth:`available` at the children, without a ``[B, M_l]`` table or a look-up per child:
+        only the nodes a history exhausts are found (at most one per distinct history item), then
+        matched against the beams, so the cost follows the history, not ``B x w x K``."""
+        batch, width = parents.shape
+        device = parents.device
+        nodes = self.num_nodes(level)
+        lengths = (history_offsets[1:] - history_offsets[:-1]).to(device)
+        user = torch.repeat_interleave(torch.arange(batch, device=device), lengths)
         pairs = torch.unique(user * (self.num_items + 1) + history.to(device).long())  # distinct (user, item)
         user, item = pairs // (self.num_items + 1), pairs % (self.num_items + 1)
         node = self.node_of_item[level][item]
         real = node >= 0
-        keys, counts = torch.unique(user[real] * self.num_nodes(level) + node[real], return_counts=True)
-        under = self.items_under[level][nodes]
-        if keys.numel() == 0:
-            return torch.ones_like(under, dtype=torch.bool)
-        rows = torch.arange(batch, device=device).view(batch, *([1] * (nodes.dim() - 1)))
-        query = (rows * self.num_nodes(level) + nodes).reshape(-1)
-        pos = torch.searchsorted(keys, query).clamp(max=keys.numel() - 1)
-        seen = torch.where(keys[pos] == query, counts[pos], torch.zeros_like(counts[pos]))
-        return seen.view_as(nodes) < under
+        keys, seen = torch.unique(user[real] * nodes + node[real], return_counts=True)  # (user, node) -> items seen
+        user, node = keys // nodes, keys % nodes
+        exhausted = seen >= self.items_under[level][node]
+        user, node = user[exhausted], node[exhausted]
+        hit = parents[user] == self.node_parent[level][node].unsqueeze(1)  # [E, w]: the beams holding its parent
+        pair, beam = hit.nonzero(as_tuple=True)
+        allowed = torch.ones(batch, width, self.level_sizes[level], dtype=torch.bool, device=device)
+        allowed[user[pair], beam, self.node_code[level][node[pair]]] = False
+        return allowed
 
     def to(self, device: torch.device) -> "SidTrie":
         """Moves every tensor to ``device`` (in place); returns self."""
-        for name in ("node_of_item", "children", "node_code", "items_under"):
+        for name in ("node_of_item", "children", "node_code", "node_parent", "items_under"):
             setattr(self, name, [t.to(device) for t in getattr(self, name)])
         self.item_of_leaf = self.item_of_leaf.to(device)
         return self

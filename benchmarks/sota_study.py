@@ -1,0 +1,129 @@
+"""The long-budget study on Amazon Beauty: the validation-chosen recipe, several seeds, test once.
+
+``benchmarks/quality_levers.py`` sweeps the recipe levers at a short budget and chooses on the
+VALIDATION split; this script trains the chosen setting of each model at the full budget under
+several seeds and reports the test metrics of each run's best-validation checkpoint as the mean
+and standard deviation over the seeds, beside the published rows (same data, leave-one-out
+split, full ranking). Test is read once per chosen setting and seed, and never used to choose.
+Runs execute one at a time per call and are skipped when their ``bench.json`` exists, so several
+calls (one per seed) can share the machine and the study can be interrupted and restarted.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/sota_study.py --out runs/sota --seed 42 --only sid_id-all
+    python benchmarks/sota_study.py --out runs/sota --report --seeds 42 43 44
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from typing import Dict, List, Optional, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: the siblings below
+from cobra_table import DATASETS, ensure_sids, sidvid  # noqa: E402  (one CLI runner, one SID build)
+
+Row = Tuple[str, str, List[str], List[str]]
+"""(row name, config file in configs/amazon-beauty, overrides, ``sids.*`` overrides of its SID build)."""
+K256 = ["sids.codebook_size=256"]  # TIGER's codebook size: 12,101 items -> 10,601 code tuples, <= 12 per tuple
+SID_GEN = ["eval.ks=[1,5,10]"]  # the beam is max(eval.ks) wide: width 200 (for HR@200) costs 16x width 10
+ROWS: List[Row] = [
+    # the lever validation chose at the short budget (quality_levers.py, seeds 42 and 43): the exact softmax
+    ("id-all", "hstu.yaml", ["model.mode=id", "loss.negatives=all"], []),
+    ("sid_id-all", "hstu.yaml", ["model.mode=sid_id", "loss.negatives=all"], []),
+    ("id", "hstu.yaml", ["model.mode=id"], []),  # today's shipped recipe, for the same-run comparison
+    # sid_gen: SIDs of 3 x 32 (cobra.yaml's) vs 3 x 256 codes, dropout, lr; chosen on validation
+    ("sid_gen-k32", "sid_gen.yaml", SID_GEN, []),
+    ("sid_gen-k256", "sid_gen.yaml", SID_GEN, K256),
+    ("sid_gen-k256-d0.2", "sid_gen.yaml", SID_GEN + ["model.dropout=0.2"], K256),
+    ("sid_gen-k256-d0.2-lr3e-3", "sid_gen.yaml", SID_GEN + ["model.dropout=0.2", "train.lr=0.003"], K256),
+]
+PUBLISHED = [  # Amazon 2014 Beauty, leave-one-out, full ranking: R@10, N@10, source
+    ("SASRec + LiGR + sampled softmax (eSASRec)", 0.0928, 0.0523, "blondered/transformer_benchmark"),
+    ("SASRec + sampled softmax", 0.0921, 0.0531, "blondered/transformer_benchmark"),
+    ("BARGE", 0.0927, 0.0547, "arXiv 2607.21028"),
+    ("CBiT", 0.0905, 0.0537, "as reported in transformer_benchmark"),
+    ("TIGER", 0.0648, 0.0384, "Rajput et al. 2023"),
+]
+SELECT = "ndcg@10"
+
+
+def run_row(name: str, config: str, overrides: List[str], out: str, common: List[str]) -> Dict[str, object]:
+    run_dir = os.path.join(out, name)
+    bench = os.path.join(run_dir, "bench.json")
+    if os.path.exists(bench):
+        return json.load(open(bench))
+    os.makedirs(run_dir, exist_ok=True)
+    args = ["train", "--config", config, "--run-dir", run_dir, "train.resume=true"] + common + overrides
+    seconds = sidvid(args, os.path.join(out, f"{name}.log"))
+    metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
+    history = json.load(open(os.path.join(run_dir, "history.json")))
+    epochs = len(history)
+    record = {"name": name, "overrides": overrides, "command": "sidvid-rec " + " ".join(args),
+              "train_s": round(seconds, 1), "epochs_run": epochs, "s_per_epoch": round(seconds / max(epochs, 1), 1),
+              "valid": metrics["valid"], "test": metrics["test"], "best_epoch": metrics["best_epoch"],
+              "valid_curve": [h.get(f"valid/{SELECT}") for h in history]}
+    with open(bench, "w") as f:
+        json.dump(record, f, indent=1)
+    return record
+
+
+def report(out: str, seeds: List[int], epochs: int) -> str:
+    lines = [f"| row | seeds | test R@10 | test N@10 | valid N@10 | best epoch | s/epoch |",
+             "|---|---|---|---|---|---|---|"]
+    for name, _, _, _ in ROWS:
+        records = [json.load(open(p)) for s in seeds
+                   if os.path.exists(p := os.path.join(out, f"e{epochs}-s{s}", name, "bench.json"))]
+        if not records:
+            continue
+
+        def stat(split: str, key: str) -> str:
+            xs = [r[split][key] for r in records]
+            spread = statistics.stdev(xs) if len(xs) > 1 else 0.0
+            return f"{statistics.mean(xs):.4f} ± {spread:.4f}"
+
+        best = " ".join(str(r["best_epoch"]) for r in records)
+        speed = statistics.mean(r["s_per_epoch"] for r in records)
+        lines.append(f"| {name} | {len(records)} | {stat('test', 'hr@10')} | {stat('test', 'ndcg@10')} | "
+                     f"{stat('valid', 'ndcg@10')} | {best} | {speed:.0f} |")
+    lines += [f"| published: {n} | - | {r:.4f} | {nd:.4f} | - | - | - |" for n, r, nd, _ in PUBLISHED]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/sota")
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--patience", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seeds", type=int, nargs="*", default=[42, 43, 44], help="with --report")
+    parser.add_argument("--only", nargs="*", default=None, help="row names to run (default: all)")
+    parser.add_argument("--report", action="store_true", help="print the table of finished runs only")
+    args = parser.parse_args(argv)
+    out = os.path.abspath(args.out)
+    if args.report:
+        print(f"## Amazon Beauty, {args.epochs} epochs (patience {args.patience}), mean ± std over seeds\n")
+        print(report(out, args.seeds, args.epochs))
+        return 0
+    spec = dict(DATASETS["amazon-beauty"])
+    seed_dir = os.path.join(out, f"e{args.epochs}-s{args.seed}")
+    os.makedirs(seed_dir, exist_ok=True)
+    common = [f"data.path={spec['path']}", f"train.epochs={args.epochs}", f"train.seed={args.seed}",
+              f"train.patience={args.patience}"]
+    for name, config, overrides, sid_settings in ROWS:
+        if args.only is not None and name not in args.only:
+            continue
+        # one SID build per SID setting, shared by every seed (the SIDs are the data side, not the seed's)
+        where = os.path.join(out, "sids-" + "-".join(x.split(".")[-1].replace("=", "") for x in sid_settings)
+                             if sid_settings else out)
+        os.makedirs(where, exist_ok=True)
+        sids = ensure_sids(spec, where, [f"data.path={spec['path']}"] + sid_settings)
+        record = run_row(name, os.path.join(spec["dir"], config), overrides + sid_settings + [f"sids.dir={sids}"],
+                         seed_dir, common)
+        print(f"done {name} seed {args.seed}: valid {SELECT} {record['valid'][SELECT]:.4f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
