@@ -33,11 +33,19 @@ ROWS: List[Row] = [
     ("id-all", "hstu.yaml", ["model.mode=id", "loss.negatives=all"], []),
     ("sid_id-all", "hstu.yaml", ["model.mode=sid_id", "loss.negatives=all"], []),
     ("id", "hstu.yaml", ["model.mode=id"], []),  # today's shipped recipe, for the same-run comparison
+    # on top of the exact softmax: warm-up + cosine decay over the 40 epochs; a wider model
+    ("sid_id-all-cosine", "hstu.yaml", ["model.mode=sid_id", "loss.negatives=all", "train.lr_schedule=cosine",
+                                        "train.warmup_steps=100"], []),
+    ("sid_id-all-d128", "hstu.yaml", ["model.mode=sid_id", "loss.negatives=all", "model.dim=128", "model.dqk=128",
+                                      "model.dv=128"], []),
     # sid_gen: SIDs of 3 x 32 (cobra.yaml's) vs 3 x 256 codes, dropout, lr; chosen on validation
     ("sid_gen-k32", "sid_gen.yaml", SID_GEN, []),
     ("sid_gen-k256", "sid_gen.yaml", SID_GEN, K256),
     ("sid_gen-k256-d0.2", "sid_gen.yaml", SID_GEN + ["model.dropout=0.2"], K256),
     ("sid_gen-k256-d0.2-lr3e-3", "sid_gen.yaml", SID_GEN + ["model.dropout=0.2", "train.lr=0.003"], K256),
+    # ... with each complete history item's ID row on its last code token (model.sid_gen_item_ids)
+    ("sid_gen-k256-ids", "sid_gen.yaml", SID_GEN + ["model.sid_gen_item_ids=true"], K256),
+    ("sid_gen-k256-ids-d0.2", "sid_gen.yaml", SID_GEN + ["model.sid_gen_item_ids=true", "model.dropout=0.2"], K256),
 ]
 PUBLISHED = [  # Amazon 2014 Beauty, leave-one-out, full ranking: R@10, N@10, source
     ("SASRec + LiGR + sampled softmax (eSASRec)", 0.0928, 0.0523, "blondered/transformer_benchmark"),
@@ -87,8 +95,23 @@ def report(out: str, seeds: List[int], epochs: int) -> str:
         speed = statistics.mean(r["s_per_epoch"] for r in records)
         lines.append(f"| {name} | {len(records)} | {stat('test', 'hr@10')} | {stat('test', 'ndcg@10')} | "
                      f"{stat('valid', 'ndcg@10')} | {best} | {speed:.0f} |")
-    lines += [f"| published: {n} | - | {r:.4f} | {nd:.4f} | - | - | - |" for n, r, nd, _ in PUBLISHED]
+    popular = most_popular()
+    lines.append(f"| most popular (`sidvid-rec data baseline`, this package's evaluation) | - | "
+                 f"{popular['hr@10']:.4f} | {popular['ndcg@10']:.4f} | - | - | - |")
+    lines += [f"| published: {n} ({src}) | - | {r:.4f} | {nd:.4f} | - | - | - |" for n, r, nd, src in PUBLISHED]
     return "\n".join(lines)
+
+
+def most_popular() -> Dict[str, float]:
+    """The most-popular baseline on Beauty's test split, by the package's own evaluation."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from sidvid_rec.config import load_config
+    from sidvid_rec.data import load_sequences
+    from sidvid_rec.eval.popularity import evaluate_most_popular
+
+    cfg = load_config(os.path.join(DATASETS["amazon-beauty"]["dir"], "hstu.yaml"),
+                      [f"data.path={DATASETS['amazon-beauty']['path']}"])
+    return evaluate_most_popular(load_sequences(cfg.data), "test", cfg.data.protocol, cfg.data.max_len, [10])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -100,11 +123,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="*", default=[42, 43, 44], help="with --report")
     parser.add_argument("--only", nargs="*", default=None, help="row names to run (default: all)")
     parser.add_argument("--report", action="store_true", help="print the table of finished runs only")
+    parser.add_argument("--record", default=None, metavar="RESULTS_MD",
+                        help="with --report: also write the table to this file's `sota` section")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.out)
     if args.report:
-        print(f"## Amazon Beauty, {args.epochs} epochs (patience {args.patience}), mean ± std over seeds\n")
-        print(report(out, args.seeds, args.epochs))
+        table = (f"Amazon Beauty, {args.epochs} epochs (patience {args.patience}), test of each run's "
+                 f"best-validation checkpoint, mean ± std over seeds {', '.join(map(str, args.seeds))}:\n\n"
+                 + report(out, args.seeds, args.epochs))
+        print(table)
+        if args.record:
+            from common import update_results  # noqa: E402  (benchmarks/common.py, a sibling)
+
+            update_results(args.record, {"sota": table})
         return 0
     spec = dict(DATASETS["amazon-beauty"])
     seed_dir = os.path.join(out, f"e{args.epochs}-s{args.seed}")

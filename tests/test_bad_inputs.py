@@ -273,6 +273,8 @@ CASES = [
     Case("train-without-run-dir", ["train", "@data"], "--run-dir"),
     Case("evaluate-unknown-split", ["evaluate", "{ws}/run", "--split", "dev"], "--split"),
     Case("unknown-command", ["serve-me"], "serve-me"),
+    Case("item-ids-outside-sid-gen", ["train", "--run-dir", "{ws}/run2", "@data", "model.sid_gen_item_ids=true"],
+         "model.mode=sid_gen"),
     Case("unknown-key", ["train", "--run-dir", "{ws}/run2", "@data", "train.no_such_key=1"], "no_such_key"),
 ]
 

@@ -16,16 +16,18 @@ TINY = ["model.mode=sid_gen", "data.max_len=12", "model.dim=12", "model.dqk=8", 
 K = 10
 
 
-@pytest.fixture(scope="module")
-def sid_gen_export(tmp_path_factory):
-    """A 1-epoch tiny sid_gen run on the embedded data and its export."""
+@pytest.fixture(scope="module", params=[False, True], ids=["codes", "codes+item_ids"])
+def sid_gen_export(tmp_path_factory, request):
+    """A 1-epoch tiny sid_gen run on the embedded data and its export (with and without the
+    item-ID input rows, ``model.sid_gen_item_ids``)."""
     root = tmp_path_factory.mktemp("sid_gen_export")
     cache, sids, run, out = str(root / "cache"), str(root / "sids"), root / "run", root / "export"
     common = [f"data.cache_dir={cache}", *SIDS]
     assert main(["sids", "build", "--out", sids, "--no-progress", *common]) == 0
-    assert main(["train", "--run-dir", str(run), f"sids.dir={sids}", *common, *TINY]) == 0
+    item_ids = [f"model.sid_gen_item_ids={str(request.param).lower()}"]
+    assert main(["train", "--run-dir", str(run), f"sids.dir={sids}", *common, *TINY, *item_ids]) == 0
     assert main(["export", str(run), "--out", str(out)]) == 0
-    return {"root": root, "run": run, "out": out}
+    return {"root": root, "run": run, "out": out, "item_ids": request.param}
 
 
 def test_training_evaluated_the_beam(sid_gen_export):
@@ -35,6 +37,13 @@ def test_training_evaluated_the_beam(sid_gen_export):
     manifest = json.loads((sid_gen_export["out"] / "manifest.json").read_text())
     assert manifest["model"]["mode"] == "sid_gen" and manifest["sid_gen"]["levels"] == 3  # 2 levels + dedup
     assert manifest["encoder"]["max_len"] == (12 + 1) * 3 - 1
+    assert ("sid_item_table" in _vectors(sid_gen_export)) == sid_gen_export["item_ids"]
+
+
+def _vectors(export):
+    from safetensors.torch import load_file
+
+    return load_file(str(export["out"] / "item_vectors.safetensors"))
 
 
 def test_retrieve_returns_k_valid_distinct_catalogue_items(sid_gen_export):

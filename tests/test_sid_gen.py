@@ -44,16 +44,17 @@ def make_batch(histories, targets, training: bool) -> SequenceBatch:
     return _make_batch(histories, targets, training, time_of=quadratic_times)
 
 
-def tiny_model(scale: str = "length", seed: int = 0) -> SidGenRecommender:
+def tiny_model(scale: str = "length", seed: int = 0, item_ids: bool = False) -> SidGenRecommender:
     torch.manual_seed(seed)
     codes = _codes()
     trie = SidTrie.from_codes(codes)
+    rows = sum(trie.level_sizes) + (NUM_ITEMS + 1 if item_ids else 0)
     enc = HSTUEncoder(max_len=sid_gen_max_tokens(MAX_LEN, 3), dim=DIM, num_blocks=2, num_heads=2, dqk=4, dv=4,
                       dropout=0.0, attn_dropout=0.0, attention_scale=scale)
     for layer in enc.layers:
         layer.rel_bias.ts_w.data.normal_(std=0.3)
         layer.rel_bias.pos_w.data.normal_(std=0.3)
-    return SidGenRecommender(CodeTokenEmbeddings(sum(trie.level_sizes), DIM), enc, codes, temperature=0.2).eval()
+    return SidGenRecommender(CodeTokenEmbeddings(rows, DIM), enc, codes, temperature=0.2, item_ids=item_ids).eval()
 
 
 HISTORIES = [[3, 9, 27, 1, 14, 30, 2, 8], [5, 6], [11, 12, 40, 7]]
@@ -135,6 +136,42 @@ def test_training_loss_is_finite_and_trains():
     assert math.isfinite(float(out.loss)) and float(out.loss) > 0
     out.loss.backward()
     assert model.heads.grad is not None and float(model.heads.grad.abs().sum()) > 0
+
+
+def _table(model: SidGenRecommender) -> torch.Tensor:
+    return model.embeddings.ebc.embedding_bags["sid_code"].weight
+
+
+def test_item_id_rows_never_show_an_item_to_its_own_codes():
+    """``item_ids``: a history item's ID row moves the loss (it is an input), the final target's
+    does not (its codes are predicted from its earlier code tokens, which never carry it), and
+    the loss differs from the codes-only model's."""
+    model = tiny_model(item_ids=True)
+    batch = make_batch(HISTORIES, TARGETS, training=True)
+    base = float(model(batch).loss)
+    first_item_row = int(model.level_offsets[-1]) + HISTORIES[0][0]
+    target_row = int(model.level_offsets[-1]) + TARGETS[0]
+    with torch.no_grad():
+        _table(model)[target_row] += 5.0
+    assert float(model(batch).loss) == base
+    with torch.no_grad():
+        _table(model)[first_item_row] += 5.0
+    assert float(model(batch).loss) != base
+    assert float(tiny_model(item_ids=False)(batch).loss) != base
+
+
+def test_item_id_rows_reach_decoding_and_the_cache_equals_re_encoding():
+    """The beam reads the item rows (the top-K moves with them); cached = re-encoding with them."""
+    model = tiny_model(item_ids=True)
+    batch = make_batch(HISTORIES, TARGETS, training=False)
+    tables = model.generation_tables()
+    assert tables.item_table is not None and tables.item_table.shape == (NUM_ITEMS + 1, DIM)
+    cached = sid_beam_search(model.encoder, tables, model.trie, model.prepare(batch, tables), 10, kv_cache=True)
+    again = sid_beam_search(model.encoder, tables, model.trie, model.prepare(batch, tables), 10, kv_cache=False)
+    assert torch.equal(cached.items, again.items) and torch.allclose(cached.scores, again.scores, atol=1e-5)
+    without = tables._replace(item_table=torch.zeros_like(tables.item_table))
+    moved = sid_beam_search(model.encoder, without, model.trie, model.prepare(batch, without), 10)
+    assert not torch.allclose(moved.scores, cached.scores)
 
 
 # ----------------------------------------------------------------------------- beam search

@@ -165,6 +165,11 @@ class ModelConfig:
     """COBRA next-SID head: ``whole`` (one softmax over the valid SIDs) or ``codes`` (``L``
     next-code softmaxes, each level conditioned on the codes before it; decoders ``direct``,
     ``neighbor`` and ``beam`` take their SIDs from a trie-constrained beam over codes)."""
+    sid_gen_item_ids: bool = False
+    """``sid_gen``: add each history item's ID row to its last code token's input (the code table
+    gains ``N + 1`` item rows). Only complete items carry it: a token fed to predict a later code
+    of its own item never does, so training never sees the item it predicts, and decoding feeds
+    the generated codes alone. The output stays ``L x K`` codes."""
 
 
 @dataclass

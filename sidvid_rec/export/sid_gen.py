@@ -5,6 +5,8 @@ A ``sid_gen`` export holds, besides the HSTU encoder's weights (``dense.safetens
 * ``sid_code_table [sum K, D]``: the code-token embedding (one block of rows per SID level);
 * ``sid_heads [sum K, D]``: the per-level output vectors of the code logits;
 * ``sid_codes [N + 1, L]``: every item's SID, disambiguation level included (the trie);
+* ``sid_item_table [N + 1, D]`` (``model.sid_gen_item_ids`` only): item-ID rows added to each
+  history item's last code token;
 
 and the manifest's ``sid_gen`` section (history length, logit temperature, beam width, whether
 to decode from the KV cache). Retrieval runs :func:`~sidvid_rec.decode.sid_beam.sid_beam_search`
@@ -78,6 +80,10 @@ def load_sid_gen(manifest: Dict[str, Any], encoder: HSTUEncoder, vectors: Dict[s
     if levels != trie.num_levels or not 1 <= max_len or (max_len + 1) * levels - 1 > encoder.max_len:
         raise ArtifactError(f"export manifest: sid_gen max_len {max_len} x {levels} levels does not fit the "
                             f"encoder's {encoder.max_len} tokens or the {trie.num_levels}-level SIDs")
-    tables = GenerationTables(table, heads, offsets, float(section["temperature"]))
+    item_table = vectors.get("sid_item_table")
+    if item_table is not None and tuple(item_table.shape) != (codes.shape[0], encoder.dim):
+        raise ArtifactError(f"export: sid_item_table {tuple(item_table.shape)} does not fit {codes.shape[0]} items "
+                            f"of width {encoder.dim}")
+    tables = GenerationTables(table, heads, offsets, float(section["temperature"]), item_table)
     return SidGenRetriever(encoder, tables, codes, max_len, int(section.get("beam", 0)),
                            bool(section.get("kv_cache", True)), filter_history)

@@ -151,9 +151,11 @@ def _build_sid_gen(cfg: Config, codebook: SemanticIdCodebook, table_device: str)
     """The ``sid_gen`` model over ``codebook``'s SIDs (disambiguation level included)."""
     _require_uniform_item_loss(cfg)
     trie = SidTrie.from_codes(codebook.codes)  # refuses SIDs shared by two items
-    embeddings = CodeTokenEmbeddings(sum(trie.level_sizes), cfg.model.dim, device=table_device)
+    item_rows = trie.num_items + 1 if cfg.model.sid_gen_item_ids else 0
+    embeddings = CodeTokenEmbeddings(sum(trie.level_sizes) + item_rows, cfg.model.dim, device=table_device)
     encoder = HSTUEncoder.from_params(encoder_params(cfg, trie.num_levels))
-    return SidGenRecommender(embeddings, encoder, codebook.codes, temperature=cfg.loss.temperature)
+    return SidGenRecommender(embeddings, encoder, codebook.codes, temperature=cfg.loss.temperature,
+                             item_ids=cfg.model.sid_gen_item_ids)
 
 
 def hstu_loss(cfg: Config, data: SequenceData) -> SampledSoftmaxLoss:

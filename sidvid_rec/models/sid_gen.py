@@ -51,15 +51,19 @@ class SidGenRecommender(nn.Module):
         encoder: jagged HSTU whose ``max_len`` covers :func:`sid_gen_max_tokens`.
         codes: ``[N + 1, L]`` SIDs with the disambiguation level (unique over items 1..N).
         temperature: of the code logits (cosine / temperature).
+        item_ids: the table also holds ``N + 1`` item-ID rows (after the code rows), added to
+            each complete history item's last code token (``model.sid_gen_item_ids``).
     """
 
     def __init__(self, embeddings: CodeTokenEmbeddings, encoder: HSTUEncoder, codes: np.ndarray,
-                 temperature: float = 0.05) -> None:
+                 temperature: float = 0.05, item_ids: bool = False) -> None:
         super().__init__()
         self.trie = SidTrie.from_codes(codes)
         offsets = level_offsets(self.trie.level_sizes)
-        if embeddings.num_rows != int(offsets[-1]):
-            raise ValueError(f"the code table has {embeddings.num_rows} rows, the SIDs need {int(offsets[-1])}")
+        rows = int(offsets[-1]) + (self.trie.num_items + 1 if item_ids else 0)
+        if embeddings.num_rows != rows:
+            raise ValueError(f"the code table has {embeddings.num_rows} rows, the SIDs need {rows}")
+        self.item_ids = item_ids
         self.embeddings = embeddings
         self.encoder = encoder
         self.temperature = temperature
@@ -90,7 +94,12 @@ class SidGenRecommender(nn.Module):
         keep = within < jagged.offsets_to_lengths(full.offsets)[seq] - 1  # the last token has no target
         fed = full.offsets - torch.arange(full.offsets.numel(), device=full.offsets.device)
         token_times = step_times[full.step[keep]]
-        h = self.encoder(self.embeddings.vectors(full.ids[keep]), fed, token_times,
+        x = self.embeddings.vectors(full.ids[keep])
+        if self.item_ids:  # an item's last code token: the item is complete, and it predicts the next item
+            last = torch.nonzero(full.level[keep] == self.num_levels - 1).flatten()
+            item_rows = int(self.level_offsets[-1]) + step_items[full.step[keep][last]]
+            x = x.index_add(0, last, self.embeddings.vectors(item_rows))
+        h = self.encoder(x, fed, token_times,
                          query_timestamps=jagged.next_timestamps(token_times, fed))
         # Supervised: every fed token from the first item's last code on predicts the next token.
         rows = torch.nonzero(keep & (within >= self.num_levels - 1)).flatten()  # in the full layout
@@ -104,9 +113,12 @@ class SidGenRecommender(nn.Module):
 
     @torch.no_grad()
     def generation_tables(self) -> GenerationTables:
-        """The code table, output vectors and level offsets (collective under sharding)."""
-        return GenerationTables(self.embeddings.all_vectors(self.level_offsets.device), self.heads.detach(),
-                                self.level_offsets, self.temperature)
+        """The code table, output vectors and level offsets, and the item rows when the model
+        has them (collective under sharding)."""
+        rows = self.embeddings.all_vectors(self.level_offsets.device)
+        codes = int(self.level_offsets[-1])
+        return GenerationTables(rows[:codes], self.heads.detach(), self.level_offsets, self.temperature,
+                                rows[codes:] if self.item_ids else None)
 
     def prepare(self, batch: SequenceBatch, tables: GenerationTables) -> GenInputs:
         """History tokens of an evaluation batch (one target time per sequence)."""
@@ -118,11 +130,15 @@ class SidGenRecommender(nn.Module):
     def export_vectors(self) -> Dict[str, Tensor]:
         """What an export holds: ``inputs``/``candidates [N+1, D]`` (each item's summed code rows,
         and L2-normalised: what the export's FAISS index holds, for similarity look-ups only),
-        ``sid_code_table``, ``sid_heads [sum K, D]``, ``sid_codes [N+1, L]`` (what retrieval decodes with)."""
+        ``sid_code_table``, ``sid_heads [sum K, D]``, ``sid_codes [N+1, L]`` (what retrieval decodes with),
+        and ``sid_item_table [N+1, D]`` with ``item_ids``."""
         tables = self.generation_tables()
         inputs = tables.code_table[self.token_of_item].sum(dim=1)
         inputs[0] = 0.0
         candidates = inputs / inputs.norm(dim=-1, keepdim=True).clamp(min=1e-6)
-        return {"inputs": inputs.contiguous(), "candidates": candidates.contiguous(),
-                "sid_code_table": tables.code_table.contiguous(), "sid_heads": tables.heads.contiguous(),
-                "sid_codes": self.codes.contiguous()}
+        out = {"inputs": inputs.contiguous(), "candidates": candidates.contiguous(),
+               "sid_code_table": tables.code_table.contiguous(), "sid_heads": tables.heads.contiguous(),
+               "sid_codes": self.codes.contiguous()}
+        if tables.item_table is not None:
+            out["sid_item_table"] = tables.item_table.contiguous()
+        return out

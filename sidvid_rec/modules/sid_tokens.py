@@ -72,6 +72,9 @@ class GenerationTables(NamedTuple):
     level_offsets: Tensor
     """``[L + 1]`` first row of each level's block (and the total)."""
     temperature: float
+    item_table: Optional[Tensor] = None
+    """``[N + 1, D]`` item-ID rows added to each history item's last code token
+    (``model.sid_gen_item_ids``), or ``None``."""
 
     def level_logits(self, states: Tensor, level: int) -> Tensor:
         """``states [R, D]`` -> ``[R, K_l]`` logits over level ``level``'s codes."""
@@ -117,7 +120,11 @@ def prepare_histories(tables: GenerationTables, token_of_item: Tensor, items: Te
     tokens = code_tokens(items, offsets, token_of_item, drop_last=False)
     token_times = times[tokens.step]
     query = jagged.next_timestamps(token_times, tokens.offsets, last=target_times)
-    return GenInputs(tables.code_table[tokens.ids], tokens.offsets, token_times, query, target_times,
+    x = tables.code_table[tokens.ids]
+    if tables.item_table is not None:  # every history item is complete: its last code token carries its ID row
+        last = tokens.level == token_of_item.shape[1] - 1
+        x = x.index_add(0, torch.nonzero(last).flatten(), tables.item_table[items[tokens.step[last]]])
+    return GenInputs(x, tokens.offsets, token_times, query, target_times,
                      items if history is None else history, offsets if history_offsets is None else history_offsets)
 
 
