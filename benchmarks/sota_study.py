@@ -33,6 +33,9 @@ ROWS: List[Row] = [
     ("id-all", "hstu.yaml", ["model.mode=id", "loss.negatives=all"], []),
     ("sid_id-all", "hstu.yaml", ["model.mode=sid_id", "loss.negatives=all"], []),
     ("id", "hstu.yaml", ["model.mode=id"], []),  # today's shipped recipe, for the same-run comparison
+    # COBRA as shipped (sampled SID softmax, in-batch + 128 global VID negatives), and with both losses exact
+    ("cobra", "cobra.yaml", [], []),
+    ("cobra-all", "cobra.yaml", ["loss.vid_negatives=all", "loss.sid_softmax=full"], []),
     # on top of the exact softmax: warm-up + cosine decay over the 40 epochs; a wider model
     ("sid_id-all-cosine", "hstu.yaml", ["model.mode=sid_id", "loss.negatives=all", "train.lr_schedule=cosine",
                                         "train.warmup_steps=100"], []),
@@ -55,6 +58,12 @@ PUBLISHED = [  # Amazon 2014 Beauty, leave-one-out, full ranking: R@10, N@10, so
     ("TIGER", 0.0648, 0.0384, "Rajput et al. 2023"),
 ]
 SELECT = "ndcg@10"
+COBRA_DECODERS: List[Tuple[str, List[str]]] = [
+    ("soft", ["eval.decoder=soft"]),  # cobra.yaml's eval.decoder: the one training validated each epoch
+    ("beam a0.3 x10", ["eval.decoder=beam", "eval.alpha=0.3", "eval.beam_size=10"]),
+    ("beam a0.3 x20", ["eval.decoder=beam", "eval.alpha=0.3", "eval.beam_size=20"]),
+]
+"""COBRA decoder settings, chosen per run on its validation split; test is read for the chosen one."""
 
 
 def run_row(name: str, config: str, overrides: List[str], out: str, common: List[str]) -> Dict[str, object]:
@@ -72,13 +81,39 @@ def run_row(name: str, config: str, overrides: List[str], out: str, common: List
               "train_s": round(seconds, 1), "epochs_run": epochs, "s_per_epoch": round(seconds / max(epochs, 1), 1),
               "valid": metrics["valid"], "test": metrics["test"], "best_epoch": metrics["best_epoch"],
               "valid_curve": [h.get(f"valid/{SELECT}") for h in history]}
+    if config.endswith("cobra.yaml"):
+        record.update(choose_decoder(run_dir, os.path.join(out, f"{name}.log")))
     with open(bench, "w") as f:
         json.dump(record, f, indent=1)
     return record
 
 
+def choose_decoder(run_dir: str, log: str) -> Dict[str, object]:
+    """Each COBRA decoder setting on the run's validation split, then test for the best one only."""
+    valid = {}
+    for label, overrides in COBRA_DECODERS:
+        sidvid(["evaluate", run_dir, "--split", "valid"] + overrides, log)
+        valid[label] = evaluation(run_dir, "valid", overrides)
+    chosen = max(valid, key=lambda label: valid[label][SELECT])
+    sidvid(["evaluate", run_dir, "--split", "test"] + dict(COBRA_DECODERS)[chosen], log)
+    return {"decoder": chosen, "decoders_valid": valid, "valid": valid[chosen],
+            "test": evaluation(run_dir, "test", dict(COBRA_DECODERS)[chosen])}
+
+
+def evaluation(run_dir: str, split: str, overrides: List[str]) -> Dict[str, float]:
+    """What ``sidvid-rec evaluate`` recorded for ``split`` under the run's config plus ``overrides``."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from sidvid_rec.config import load_run_config
+    from sidvid_rec.eval.records import lookup
+
+    found = lookup(run_dir, load_run_config(run_dir, overrides, command="evaluate"), split)
+    if found is None:
+        raise SystemExit(f"{run_dir}: no {split} evaluation under {overrides}")
+    return found
+
+
 def report(out: str, seeds: List[int], epochs: int) -> str:
-    lines = [f"| row | seeds | test R@10 | test N@10 | valid N@10 | best epoch | s/epoch |",
+    lines = ["| row | seeds | test R@10 | test N@10 | valid N@10 | best epoch | s/epoch |",
              "|---|---|---|---|---|---|---|"]
     for name, _, _, _ in ROWS:
         records = [json.load(open(p)) for s in seeds

@@ -31,18 +31,17 @@ Example::
     out.loss.backward()
 """
 
-from typing import Callable, Literal, NamedTuple, Optional, Tuple, get_args
+from typing import Callable, NamedTuple, Optional, Tuple, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sidvid_rec.ops.sampled_softmax import negative_rows, sampled_softmax_nll, unique_ids
-from sidvid_rec.types import ItemNegatives
+from sidvid_rec.types import ItemNegatives, VidNegatives
 
 ItemVectorsFn = Callable[[torch.Tensor], torch.Tensor]
 """``ids [K]`` -> item vectors ``[K, D]`` (not necessarily normalised)."""
-VidNegatives = Literal["in_batch", "in_batch_global", "queue"]
 
 MASKED_LOGIT = -5e4
 """Logit of a masked candidate (the reference's value; finite so softmax never sees NaN)."""
@@ -365,7 +364,8 @@ class InfoNCELoss(nn.Module):
         num_items: N; global negatives are drawn from ``1..N``.
         negatives: ``in_batch`` (the batch's entries, as the original), ``in_batch_global``
             (plus R uniform items looked up through ``item_vectors_fn``) or ``queue`` (plus a
-            :class:`VectorQueue` of the last ``queue_size`` batches' VID entries).
+            :class:`VectorQueue` of the last ``queue_size`` batches' VID entries) or ``all`` (every
+            item ``1..N`` through ``item_vectors_fn``: the exact softmax, nothing to correct).
         num_negatives: R of ``in_batch_global``.
         queue_size: entries kept by ``queue``.
         dim: vector width (needed by ``queue``).
@@ -408,6 +408,11 @@ class InfoNCELoss(nn.Module):
                    generator: Optional[torch.Generator] = None) -> Tuple[CandidatePool, Optional[torch.Tensor]]:
         """The VID negative pool for this batch (SID entries already removed), and the log of
         each entry's expected copies in such a pool (``[M]``; None without ``item_frequency``)."""
+        if self._negatives == "all":  # the whole catalogue once: exact, so no sampling bias to correct
+            if item_vectors_fn is None:
+                raise ValueError("negatives=all needs item_vectors_fn")
+            ids = torch.arange(1, self._num_items + 1, device=batch.ids.device)
+            return CandidatePool(ids, item_vectors_fn(ids), torch.zeros_like(ids, dtype=torch.bool)), None
         pool = batch.vid_only()
         if self._max_in_batch and pool.ids.numel() > self._max_in_batch:
             gen_device = generator.device if generator is not None else torch.device("cpu")

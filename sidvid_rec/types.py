@@ -39,8 +39,8 @@ softmaxes, level ``l`` conditioned on the codes before it (``codes``: ``L x K`` 
 whatever the catalogue size; decoded by a trie-constrained beam over codes)."""
 BeamFuse = Literal["prod", "sum", "softmax"]
 """How the ``beam`` decoder fuses SID and VID scores."""
-VidNegatives = Literal["in_batch", "in_batch_global", "queue"]
-"""COBRA VID negative pool."""
+VidNegatives = Literal["in_batch", "in_batch_global", "queue", "all"]
+"""COBRA VID negative pool (``all``: every item, the exact softmax over the catalogue)."""
 ItemNegatives = Literal["uniform", "all", "mixed"]
 """Negatives of the HSTU item softmax: R uniform ones (reference), every item (exact softmax),
 or the batch's targets plus R uniform ones (logQ-corrected)."""

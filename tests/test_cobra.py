@@ -125,7 +125,7 @@ def test_sid_catalog():
 # ----------------------------------------------------------------------------- model
 
 
-@pytest.mark.parametrize("negatives", ["in_batch", "in_batch_global", "queue"])
+@pytest.mark.parametrize("negatives", ["in_batch", "in_batch_global", "queue", "all"])
 def test_dual_loss_one_backward(negatives):
     model = tiny_model(negatives, text=negatives == "queue")
     batch = make_batch([[1, 2, 3, 4], [5, 6], [7, 8, 9]], [5, 7, 1], training=True)

@@ -173,6 +173,25 @@ def test_infonce_in_batch_global_adds_uniform_negatives(table):
         loss_fn.build_pool(batch)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_infonce_all_is_the_exact_softmax_over_the_catalogue(table, fused):
+    """``all``: every item 1..N once, no in-batch entries and no correction, the exact softmax
+    (the padding row never a class); both kernels, and a gradient to every item row."""
+    batch = _batch(table)
+    query = torch.randn(3, DIM, requires_grad=True)
+    pos_ids = torch.tensor([2, 1, 5])
+    freq = torch.rand(NUM_ITEMS + 1)
+    loss_fn = InfoNCELoss(NUM_ITEMS, "all", temperature=TEMP, item_frequency=freq, fused=fused)
+    pool, log_counts = loss_fn.build_pool(batch, lambda ids: table[ids])
+    assert torch.equal(pool.ids, torch.arange(1, NUM_ITEMS + 1)) and log_counts is None
+    out = loss_fn(query, pos_ids, table[pos_ids], batch, lambda ids: table[ids])
+    logits = torch.tensor([[_cos(q, table[i]) / TEMP for i in range(1, NUM_ITEMS + 1)] for q in query])
+    expected = torch.nn.functional.cross_entropy(logits, pos_ids - 1)
+    assert out.num_positions == 3 and out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    out.loss.backward()
+    assert (table.grad[1:].abs().sum(dim=1) > 0).all() and float(table.grad[0].abs().sum()) == 0.0
+
+
 def test_infonce_max_in_batch_subsamples(table):
     loss_fn = InfoNCELoss(NUM_ITEMS, "in_batch", max_in_batch=2)
     pool, _ = loss_fn.build_pool(_batch(table), generator=torch.Generator().manual_seed(0))

@@ -181,7 +181,8 @@ class LossConfig:
     vid_weight: float = 1.0
     """COBRA: lambda in L = L_sid + lambda * L_vid."""
     vid_negatives: VidNegatives = "in_batch_global"
-    """COBRA VID negative pool: in-batch only, plus R global negatives, or a memory queue."""
+    """COBRA VID negative pool: in-batch only, plus R global negatives, a memory queue, or ``all``
+    (every item: the exact softmax over the catalogue, no sampling and no logQ correction)."""
     queue_size: int = 4096
     """COBRA: item vectors kept in the cross-batch memory queue."""
     vid_num_negatives: int = 0
