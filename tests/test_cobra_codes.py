@@ -152,7 +152,7 @@ def test_fingerprint_of_the_whole_head_is_unchanged():
     from sidvid_rec.train.checkpoint import model_fingerprint
 
     cfg = load_config(None, ["model.mode=cobra"])
-    old = {k: v for k, v in cfg.model.__dict__.items() if k not in ("cobra_sid_head", "sid_gen_item_ids")}
+    old = {k: v for k, v in cfg.model.__dict__.items() if k not in ("cobra_sid_head", "sid_gen_item_ids", "sid_gen_prefix_inputs")}
     shape = {"model": old, "num_items": 7, "max_len": cfg.data.max_len, "data_path": cfg.data.path,
              "format": cfg.data.format}
     before = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -44,7 +44,8 @@ def make_batch(histories, targets, training: bool) -> SequenceBatch:
     return _make_batch(histories, targets, training, time_of=quadratic_times)
 
 
-def tiny_model(scale: str = "length", seed: int = 0, item_ids: bool = False) -> SidGenRecommender:
+def tiny_model(scale: str = "length", seed: int = 0, item_ids: bool = False,
+               prefix_inputs: bool = False) -> SidGenRecommender:
     torch.manual_seed(seed)
     codes = _codes()
     trie = SidTrie.from_codes(codes)
@@ -54,7 +55,8 @@ def tiny_model(scale: str = "length", seed: int = 0, item_ids: bool = False) -> 
     for layer in enc.layers:
         layer.rel_bias.ts_w.data.normal_(std=0.3)
         layer.rel_bias.pos_w.data.normal_(std=0.3)
-    return SidGenRecommender(CodeTokenEmbeddings(rows, DIM), enc, codes, temperature=0.2, item_ids=item_ids).eval()
+    return SidGenRecommender(CodeTokenEmbeddings(rows, DIM), enc, codes, temperature=0.2, item_ids=item_ids,
+                             prefix_inputs=prefix_inputs).eval()
 
 
 HISTORIES = [[3, 9, 27, 1, 14, 30, 2, 8], [5, 6], [11, 12, 40, 7]]
@@ -160,9 +162,48 @@ def test_item_id_rows_never_show_an_item_to_its_own_codes():
     assert float(tiny_model(item_ids=False)(batch).loss) != base
 
 
-def test_item_id_rows_reach_decoding_and_the_cache_equals_re_encoding():
-    """The beam reads the item rows (the top-K moves with them); cached = re-encoding with them."""
-    model = tiny_model(item_ids=True)
+def test_prefix_inputs_sum_each_items_code_rows_up_to_the_token():
+    """``prefix_inputs``: level l's input is rows 0..l of its item; the loss differs from the
+    plain model's with the same weights."""
+    from sidvid_rec.modules.sid_tokens import item_token_inputs
+
+    rows = torch.arange(2 * 3 * 2, dtype=torch.float32).view(6, 2)  # 2 steps x 3 levels, D = 2
+    out = item_token_inputs(rows, 3, prefix_inputs=True)
+    assert torch.equal(out[:3], rows[:3].cumsum(0)) and torch.equal(out[3:], rows[3:].cumsum(0))
+    assert torch.equal(item_token_inputs(rows, 3, prefix_inputs=False), rows)
+    batch = make_batch(HISTORIES, TARGETS, training=True)
+    assert float(tiny_model(prefix_inputs=True)(batch).loss) != float(tiny_model()(batch).loss)
+
+
+@pytest.mark.parametrize("item_ids,prefix_inputs", [(False, False), (True, False), (False, True), (True, True)])
+def test_decoding_states_give_the_teacher_forced_loss(item_ids, prefix_inputs):
+    """Training and decoding lay the tokens out alike: from a one-item history, the decoder's
+    per-level logits along the target's code path (cached states, no trie mask) give exactly the
+    training loss of the two-item sequence (mean next-code cross-entropy of the target's codes)."""
+    from sidvid_rec.decode.sid_beam import _CachedStates
+
+    model = tiny_model(item_ids=item_ids, prefix_inputs=prefix_inputs)
+    histories, targets = [[3], [5], [11]], [4, 19, 33]
+    train_loss = float(model(make_batch(histories, targets, training=True)).loss)
+    batch = make_batch(histories, targets, training=False)
+    tables = model.generation_tables()
+    states_of = _CachedStates(model.encoder, tables, model.prepare(batch, tables), model.num_levels)
+    codes = model.codes[torch.tensor(targets)]  # [B, L]
+    states, losses = states_of.first, []
+    for level in range(model.num_levels):
+        if level > 0:
+            token = (codes[:, level - 1] + tables.level_offsets[level - 1]).unsqueeze(1)  # [B, 1]
+            states = states_of.next(level, token, torch.arange(len(targets)) if level > 1 else None)
+        logits = tables.level_logits(states, level)
+        losses.append(torch.nn.functional.cross_entropy(logits, codes[:, level], reduction="none"))
+    assert float(torch.stack(losses).mean()) == pytest.approx(train_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("item_ids,prefix_inputs", [(True, False), (False, True), (True, True)])
+def test_item_id_rows_reach_decoding_and_the_cache_equals_re_encoding(item_ids, prefix_inputs):
+    """The beam reads the item rows (the top-K moves with them); cached = re-encoding with the
+    item rows and / or prefix inputs; and the beam's scores are the teacher-forced model's."""
+    model = tiny_model(item_ids=True, prefix_inputs=prefix_inputs)
     batch = make_batch(HISTORIES, TARGETS, training=False)
     tables = model.generation_tables()
     assert tables.item_table is not None and tables.item_table.shape == (NUM_ITEMS + 1, DIM)

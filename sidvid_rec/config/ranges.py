@@ -168,8 +168,9 @@ def _validate(cfg: Config) -> None:
     if cfg.model.mode == "cobra" and cfg.model.cobra_sid_head == "codes" and cfg.eval.decoder == "soft":
         raise ConfigError("eval.decoder=soft needs model.cobra_sid_head=whole; with model.cobra_sid_head=codes "
                           "use direct, neighbor or beam")
-    if cfg.model.sid_gen_item_ids and cfg.model.mode != "sid_gen":
-        raise ConfigError(f"model.sid_gen_item_ids=true applies to model.mode=sid_gen, got {cfg.model.mode}")
+    for key in ("sid_gen_item_ids", "sid_gen_prefix_inputs"):
+        if getattr(cfg.model, key) and cfg.model.mode != "sid_gen":
+            raise ConfigError(f"model.{key}=true applies to model.mode=sid_gen, got {cfg.model.mode}")
     loss, train = cfg.loss, cfg.train
     if loss.negatives_block and (loss.negatives != "uniform" or loss.label_smoothing):
         raise ConfigError(f"loss.negatives_block={loss.negatives_block} applies to loss.negatives=uniform without "

@@ -165,6 +165,11 @@ class ModelConfig:
     """COBRA next-SID head: ``whole`` (one softmax over the valid SIDs) or ``codes`` (``L``
     next-code softmaxes, each level conditioned on the codes before it; decoders ``direct``,
     ``neighbor`` and ``beam`` take their SIDs from a trie-constrained beam over codes)."""
+    sid_gen_prefix_inputs: bool = False
+    """``sid_gen``: a code token's input is the sum of its item's code rows up to its level (the
+    SID prefix so far), not its own row alone. HSTU's attention is pointwise and divided by the
+    length, so an item's earlier codes reach a later token only diluted by the whole history;
+    with prefix inputs they ride on the residual path."""
     sid_gen_item_ids: bool = False
     """``sid_gen``: add each history item's ID row to its last code token's input (the code table
     gains ``N + 1`` item rows). Only complete items carry it: a token fed to predict a later code

@@ -48,6 +48,7 @@ class _CachedStates:
         self.lengths = jagged.offsets_to_lengths(inputs.offsets)
         self.times = inputs.target_timestamps
         self.step: Optional[StepCache] = None
+        self.prefix: Optional[Tensor] = None  # [B * W, D] each beam's summed code rows (prefix inputs)
 
     def next(self, level: int, tokens: Tensor, parents: Optional[Tensor]) -> Tensor:
         """``[B * W, D]`` states after appending ``tokens [B, W]`` (the code-table rows of level
@@ -55,6 +56,9 @@ class _CachedStates:
         if self.step is not None and parents is not None:
             self.step = self.step.select(parents)
         x = self.tables.code_table[tokens.reshape(-1)]
+        if self.tables.prefix_inputs:  # the token carries its beam's codes so far
+            x = x if self.prefix is None else x + self.prefix[parents]
+            self.prefix = x
         out, self.step = self.encoder.extend(self.cache, self.step, x, self.times, self.lengths + level - 1,
                                              self.times)
         return out
@@ -81,6 +85,7 @@ class _ReencodedStates:
         states = []
         for w in range(beams):  # one encoder pass per beam column keeps memory at one batch
             new = self.tables.code_table[prefix[:, w]]  # [B, l, D]
+            new = new.cumsum(dim=1) if self.tables.prefix_inputs else new
             new = torch.cat([new, new.new_zeros(batch, pad, new.shape[-1])], dim=1)
             x = append_rows(inputs.x, inputs.offsets, new)
             states.append(self.encoder(x, offsets, times, query_timestamps=query)[read])

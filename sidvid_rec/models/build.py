@@ -155,7 +155,7 @@ def _build_sid_gen(cfg: Config, codebook: SemanticIdCodebook, table_device: str)
     embeddings = CodeTokenEmbeddings(sum(trie.level_sizes) + item_rows, cfg.model.dim, device=table_device)
     encoder = HSTUEncoder.from_params(encoder_params(cfg, trie.num_levels))
     return SidGenRecommender(embeddings, encoder, codebook.codes, temperature=cfg.loss.temperature,
-                             item_ids=cfg.model.sid_gen_item_ids)
+                             item_ids=cfg.model.sid_gen_item_ids, prefix_inputs=cfg.model.sid_gen_prefix_inputs)
 
 
 def hstu_loss(cfg: Config, data: SequenceData) -> SampledSoftmaxLoss:

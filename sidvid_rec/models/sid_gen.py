@@ -31,8 +31,8 @@ from sidvid_rec.modules.code_embeddings import CodeTokenEmbeddings
 from sidvid_rec.modules.embeddings import INIT_STD
 from sidvid_rec.modules.hstu import HSTUEncoder
 from sidvid_rec.modules.interleave import append_step
-from sidvid_rec.modules.sid_tokens import (GenerationTables, GenInputs, code_tokens, level_offsets,
-                                           prepare_histories, token_table)
+from sidvid_rec.modules.sid_tokens import (GenerationTables, GenInputs, code_tokens, item_token_inputs,
+                                           level_offsets, prepare_histories, token_table)
 from sidvid_rec.ops import jagged
 from sidvid_rec.semantic_ids.trie import SidTrie
 
@@ -53,17 +53,19 @@ class SidGenRecommender(nn.Module):
         temperature: of the code logits (cosine / temperature).
         item_ids: the table also holds ``N + 1`` item-ID rows (after the code rows), added to
             each complete history item's last code token (``model.sid_gen_item_ids``).
+        prefix_inputs: a token's input sums its item's code rows up to its level
+            (``model.sid_gen_prefix_inputs``).
     """
 
     def __init__(self, embeddings: CodeTokenEmbeddings, encoder: HSTUEncoder, codes: np.ndarray,
-                 temperature: float = 0.05, item_ids: bool = False) -> None:
+                 temperature: float = 0.05, item_ids: bool = False, prefix_inputs: bool = False) -> None:
         super().__init__()
         self.trie = SidTrie.from_codes(codes)
         offsets = level_offsets(self.trie.level_sizes)
         rows = int(offsets[-1]) + (self.trie.num_items + 1 if item_ids else 0)
         if embeddings.num_rows != rows:
             raise ValueError(f"the code table has {embeddings.num_rows} rows, the SIDs need {rows}")
-        self.item_ids = item_ids
+        self.item_ids, self.prefix_inputs = item_ids, prefix_inputs
         self.embeddings = embeddings
         self.encoder = encoder
         self.temperature = temperature
@@ -94,7 +96,7 @@ class SidGenRecommender(nn.Module):
         keep = within < jagged.offsets_to_lengths(full.offsets)[seq] - 1  # the last token has no target
         fed = full.offsets - torch.arange(full.offsets.numel(), device=full.offsets.device)
         token_times = step_times[full.step[keep]]
-        x = self.embeddings.vectors(full.ids[keep])
+        x = item_token_inputs(self.embeddings.vectors(full.ids), self.num_levels, self.prefix_inputs)[keep]
         if self.item_ids:  # an item's last code token: the item is complete, and it predicts the next item
             last = torch.nonzero(full.level[keep] == self.num_levels - 1).flatten()
             item_rows = int(self.level_offsets[-1]) + step_items[full.step[keep][last]]
@@ -118,7 +120,7 @@ class SidGenRecommender(nn.Module):
         rows = self.embeddings.all_vectors(self.level_offsets.device)
         codes = int(self.level_offsets[-1])
         return GenerationTables(rows[:codes], self.heads.detach(), self.level_offsets, self.temperature,
-                                rows[codes:] if self.item_ids else None)
+                                rows[codes:] if self.item_ids else None, self.prefix_inputs)
 
     def prepare(self, batch: SequenceBatch, tables: GenerationTables) -> GenInputs:
         """History tokens of an evaluation batch (one target time per sequence)."""

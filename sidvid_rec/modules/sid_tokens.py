@@ -75,12 +75,26 @@ class GenerationTables(NamedTuple):
     item_table: Optional[Tensor] = None
     """``[N + 1, D]`` item-ID rows added to each history item's last code token
     (``model.sid_gen_item_ids``), or ``None``."""
+    prefix_inputs: bool = False
+    """A token's input is the sum of its item's code rows up to its level (``model.sid_gen_prefix_inputs``)."""
+
+    def token_inputs(self, ids: Tensor, levels: int) -> Tensor:
+        """``ids [S * L]`` (every step's ``L`` code tokens, in order) -> ``[S * L, D]`` inputs."""
+        return item_token_inputs(self.code_table[ids], levels, self.prefix_inputs)
 
     def level_logits(self, states: Tensor, level: int) -> Tensor:
         """``states [R, D]`` -> ``[R, K_l]`` logits over level ``level``'s codes."""
         start, end = int(self.level_offsets[level]), int(self.level_offsets[level + 1])
         keys = F.normalize(self.heads[start:end], dim=-1, eps=NORM_EPS)
         return F.normalize(states, dim=-1, eps=NORM_EPS) @ keys.T / self.temperature
+
+
+def item_token_inputs(rows: Tensor, levels: int, prefix_inputs: bool) -> Tensor:
+    """``rows [S * L, D]`` code rows of whole steps -> the token inputs: the rows themselves, or
+    with ``prefix_inputs`` each step's running sum over its levels (level l: rows 0..l)."""
+    if not prefix_inputs:
+        return rows
+    return rows.view(-1, levels, rows.shape[-1]).cumsum(dim=1).view_as(rows)
 
 
 def level_offsets(level_sizes) -> Tensor:
@@ -120,7 +134,7 @@ def prepare_histories(tables: GenerationTables, token_of_item: Tensor, items: Te
     tokens = code_tokens(items, offsets, token_of_item, drop_last=False)
     token_times = times[tokens.step]
     query = jagged.next_timestamps(token_times, tokens.offsets, last=target_times)
-    x = tables.code_table[tokens.ids]
+    x = tables.token_inputs(tokens.ids, token_of_item.shape[1])
     if tables.item_table is not None:  # every history item is complete: its last code token carries its ID row
         last = tokens.level == token_of_item.shape[1] - 1
         x = x.index_add(0, torch.nonzero(last).flatten(), tables.item_table[items[tokens.step[last]]])
