@@ -30,7 +30,7 @@ MovieLens reader through ``data convert``).
 """
 
 import os
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 import pandas as pd

@@ -154,11 +154,10 @@ def sid_beam_search(encoder: nn.Module, tables: GenerationTables, trie: SidTrie,
     levels, width = trie.num_levels, max(beam, k)
     states_of = (_CachedStates if kv_cache else _ReencodedStates)(encoder, tables, inputs, levels)
     batch = inputs.offsets.numel() - 1
-    available = None
-    if filter_history:
-        def available(level: int, beams: Tensor) -> Tensor:
-            return trie.available_children(level, beams, inputs.history, inputs.history_offsets)
-    scores, node = beam_over_codes(states_of, tables, trie, batch, width, available)
+    def available(level: int, beams: Tensor) -> Tensor:
+        return trie.available_children(level, beams, inputs.history, inputs.history_offsets)
+
+    scores, node = beam_over_codes(states_of, tables, trie, batch, width, available if filter_history else None)
     items = torch.where(torch.isfinite(scores), trie.item_of_leaf[node.clamp(min=0)], MISSING_ID)
     items, scores = items[:, :k], scores[:, :k]
     if items.shape[1] < k:  # fewer SIDs than k in the whole trie

@@ -24,7 +24,7 @@ import torch
 from sidvid_rec import artifacts, storage
 from sidvid_rec.config import Config, DecoderSettings, load_run_config, narrow
 from sidvid_rec.data import SequenceData, load_sequences
-from sidvid_rec.errors import ArtifactError, ConfigError
+from sidvid_rec.errors import ArtifactError
 from sidvid_rec.export import format as ex
 from sidvid_rec.export.cobra import cobra_manifest_section
 from sidvid_rec.export.sid_gen import sid_gen_manifest_section

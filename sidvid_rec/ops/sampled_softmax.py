@@ -185,7 +185,7 @@ class _FusedSampledSoftmax(torch.autograd.Function):
                 gq.addmm_(dense_w, neg_vectors)
                 grad_neg.addmm_(dense_w.T, qc)
             else:
-                parts_q, parts_v = [], []
+                parts_v = []
                 if full:
                     w3 = weights[:full].view(nb, block, -1)
                     gq[:full] += torch.bmm(w3, vec[:nb]).view(full, dim)

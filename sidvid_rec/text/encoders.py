@@ -15,7 +15,7 @@ pooling, ...) that keys the embedding cache and is recorded in every artifact.
 import hashlib
 import importlib.metadata
 import os
-from typing import TYPE_CHECKING, Any, Dict, List, Literal, Optional, Protocol, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
@@ -36,7 +36,6 @@ _DECODER_TYPES = frozenset({
     "gemma3_text", "gpt2", "gpt_neox", "gptj", "phi", "phi3", "opt", "falcon", "bloom", "olmo", "olmo2",
 })
 
-ResolvedPooling = Literal["mean", "last"]
 
 
 class TextEncoder(Protocol):

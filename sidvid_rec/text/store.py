@@ -19,7 +19,7 @@ import safetensors.numpy
 
 from sidvid_rec import storage
 from sidvid_rec.artifacts import check_replaceable
-from sidvid_rec.errors import ArtifactError, UserError
+from sidvid_rec.errors import ArtifactError
 
 FORMAT = "sidvid_rec.embeddings"
 FORMAT_VERSION = 1
