@@ -68,13 +68,23 @@ COBRA_DECODERS: List[Tuple[str, List[str]]] = [
     ("beam a0.3 x20", ["eval.decoder=beam", "eval.alpha=0.3", "eval.beam_size=20"]),
 ]
 """COBRA decoder settings, chosen per run on its validation split; test is read for the chosen one."""
+SID_GEN_BEAMS: List[Tuple[str, List[str]]] = [
+    ("beam 10", ["eval.sid_gen_beam=0"]),  # width max(eval.ks) = 10: what training validated each epoch
+    ("beam 30", ["eval.sid_gen_beam=30"]),
+]
+"""sid_gen beam widths, chosen the same way (a wider beam ranks the top 10 more exactly)."""
 
 
 def run_row(name: str, config: str, overrides: List[str], out: str, common: List[str]) -> Dict[str, object]:
     run_dir = os.path.join(out, name)
     bench = os.path.join(run_dir, "bench.json")
     if os.path.exists(bench):
-        return json.load(open(bench))
+        record = json.load(open(bench))
+        if "decoder" not in record and decoding_settings(config):  # trained before the choice existed
+            record.update(choose_decoder(run_dir, os.path.join(out, f"{name}.log"), decoding_settings(config)))
+            with open(bench, "w") as f:
+                json.dump(record, f, indent=1)
+        return record
     os.makedirs(run_dir, exist_ok=True)
     args = ["train", "--config", config, "--run-dir", run_dir, "train.resume=true"] + common + overrides
     seconds = sidvid(args, os.path.join(out, f"{name}.log"))
@@ -85,23 +95,28 @@ def run_row(name: str, config: str, overrides: List[str], out: str, common: List
               "train_s": round(seconds, 1), "epochs_run": epochs, "s_per_epoch": round(seconds / max(epochs, 1), 1),
               "valid": metrics["valid"], "test": metrics["test"], "best_epoch": metrics["best_epoch"],
               "valid_curve": [h.get(f"valid/{SELECT}") for h in history]}
-    if config.endswith("cobra.yaml"):
-        record.update(choose_decoder(run_dir, os.path.join(out, f"{name}.log")))
+    if decoding_settings(config):
+        record.update(choose_decoder(run_dir, os.path.join(out, f"{name}.log"), decoding_settings(config)))
     with open(bench, "w") as f:
         json.dump(record, f, indent=1)
     return record
 
 
-def choose_decoder(run_dir: str, log: str) -> Dict[str, object]:
-    """Each COBRA decoder setting on the run's validation split, then test for the best one only."""
+def decoding_settings(config: str) -> List[Tuple[str, List[str]]]:
+    """The decoding settings a row chooses among on validation (none for full-ranking models)."""
+    return COBRA_DECODERS if config.endswith("cobra.yaml") else SID_GEN_BEAMS if config.endswith("sid_gen.yaml") else []
+
+
+def choose_decoder(run_dir: str, log: str, settings: List[Tuple[str, List[str]]]) -> Dict[str, object]:
+    """Each decoding setting on the run's validation split, then test for the best one only."""
     valid = {}
-    for label, overrides in COBRA_DECODERS:
+    for label, overrides in settings:
         sidvid(["evaluate", run_dir, "--split", "valid"] + overrides, log)
         valid[label] = evaluation(run_dir, "valid", overrides)
     chosen = max(valid, key=lambda label: valid[label][SELECT])
-    sidvid(["evaluate", run_dir, "--split", "test"] + dict(COBRA_DECODERS)[chosen], log)
+    sidvid(["evaluate", run_dir, "--split", "test"] + dict(settings)[chosen], log)
     return {"decoder": chosen, "decoders_valid": valid, "valid": valid[chosen],
-            "test": evaluation(run_dir, "test", dict(COBRA_DECODERS)[chosen])}
+            "test": evaluation(run_dir, "test", dict(settings)[chosen])}
 
 
 def evaluation(run_dir: str, split: str, overrides: List[str]) -> Dict[str, float]:
@@ -131,6 +146,9 @@ def report(out: str, seeds: List[int], epochs: int) -> str:
             return f"{statistics.mean(xs):.4f} ± {spread:.4f}"
 
         best = " ".join(str(r["best_epoch"]) for r in records)
+        decoders = sorted({r["decoder"] for r in records if "decoder" in r})
+        if decoders:  # chosen on each run's validation split
+            name = f"{name} ({' / '.join(decoders)})"
         speed = statistics.mean(r["s_per_epoch"] for r in records)
         lines.append(f"| {name} | {len(records)} | {stat('test', 'hr@10')} | {stat('test', 'ndcg@10')} | "
                      f"{stat('valid', 'ndcg@10')} | {best} | {speed:.0f} |")
