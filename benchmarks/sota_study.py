@@ -53,6 +53,8 @@ ROWS: List[Row] = [
     ("sid_gen-k256-prefix", "sid_gen.yaml", SID_GEN + ["model.sid_gen_prefix_inputs=true"], K256),
     ("sid_gen-k256-prefix-ids", "sid_gen.yaml", SID_GEN + ["model.sid_gen_prefix_inputs=true",
                                                          "model.sid_gen_item_ids=true"], K256),
+    ("sid_gen-k256-prefix-ids-d0.2", "sid_gen.yaml", SID_GEN + ["model.sid_gen_prefix_inputs=true",
+                                                              "model.sid_gen_item_ids=true", "model.dropout=0.2"], K256),
 ]
 PUBLISHED = [  # Amazon 2014 Beauty, leave-one-out, full ranking: R@10, N@10, source
     ("SASRec + LiGR + sampled softmax (eSASRec)", 0.0928, 0.0523, "blondered/transformer_benchmark"),
