@@ -64,6 +64,8 @@ PUBLISHED = [  # Amazon 2014 Beauty, leave-one-out, full ranking: R@10, N@10, so
     ("TIGER", 0.0648, 0.0384, "Rajput et al. 2023"),
 ]
 SELECT = "ndcg@10"
+STUDY_SETTINGS = ["train.epochs=40", "train.patience=10"]
+"""The budget and selection rule of every row (``--epochs`` / ``--patience`` defaults; the seed is the default 42)."""
 COBRA_DECODERS: List[Tuple[str, List[str]]] = [
     ("soft", ["eval.decoder=soft"]),  # cobra.yaml's eval.decoder: the one training validated each epoch
     ("beam a0.3 x10", ["eval.decoder=beam", "eval.alpha=0.3", "eval.beam_size=10"]),
