@@ -43,7 +43,9 @@ def config_path(dataset: str, mode: str) -> str:
 
 
 def _overrides(data_path: str, data_format: str, cache_dir: str, extra: Optional[List[str]] = None) -> List[str]:
-    return [f"data.path={data_path}", f"data.format={data_format}", f"data.cache_dir={cache_dir}", *(extra or [])]
+    # The suite times the reference loss (R uniform negatives), whatever a config ships (Beauty's: the exact softmax).
+    return [f"data.path={data_path}", f"data.format={data_format}", f"data.cache_dir={cache_dir}",
+            "loss.negatives=uniform", *(extra or [])]
 
 
 # ----------------------------------------------------------------------------- workers

@@ -26,7 +26,9 @@ def datasets(shared: str) -> Dict[str, Dict[str, object]]:
                     "overrides": [f"data.path={shared}/movielens/ml-100k"], "codebook": 64},
         "ml-latest-small": {"config": "configs/ml-latest-small/hstu.yaml", "overrides": [], "codebook": 128},
         "amazon-beauty": {"config": "configs/amazon-beauty/hstu.yaml",
-                          "overrides": [f"data.path={shared}/amazon/beauty"], "codebook": 128},
+                          # the recorded rows: 128 uniform negatives (hstu.yaml now ships the exact softmax)
+                          "overrides": [f"data.path={shared}/amazon/beauty", "loss.negatives=uniform"],
+                          "codebook": 128},
     }
 
 

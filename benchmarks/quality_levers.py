@@ -31,7 +31,7 @@ Row = Tuple[str, List[str]]
 """(row name, overrides of the data set's hstu.yaml)."""
 
 ROWS: List[Row] = [
-    ("baseline", []),  # hstu.yaml: 128 uniform negatives, constant lr
+    ("baseline", ["loss.negatives=uniform"]),  # 128 uniform negatives, constant lr (hstu.yaml before the study)
     ("all", ["loss.negatives=all"]),  # exact softmax over every item
     ("r256", ["loss.num_negatives=256"]),
     ("cosine", ["train.lr_schedule=cosine", "train.warmup_steps=100"]),

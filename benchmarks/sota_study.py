@@ -32,7 +32,7 @@ ROWS: List[Row] = [
     # the lever validation chose at the short budget (quality_levers.py, seeds 42 and 43): the exact softmax
     ("id-all", "hstu.yaml", ["model.mode=id", "loss.negatives=all"], []),
     ("sid_id-all", "hstu.yaml", ["model.mode=sid_id", "loss.negatives=all"], []),
-    ("id", "hstu.yaml", ["model.mode=id"], []),  # today's shipped recipe, for the same-run comparison
+    ("id", "hstu.yaml", ["model.mode=id", "loss.negatives=uniform"], []),  # the recipe before the study
     # COBRA as shipped (sampled SID softmax, in-batch + 128 global VID negatives), and with both losses exact
     ("cobra", "cobra.yaml", [], []),
     ("cobra-all", "cobra.yaml", ["loss.vid_negatives=all", "loss.sid_softmax=full"], []),
