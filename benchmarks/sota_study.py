@@ -146,8 +146,9 @@ def report(out: str, seeds: List[int], epochs: int) -> str:
 
         def stat(split: str, key: str) -> str:
             xs = [r[split][key] for r in records]
-            spread = statistics.stdev(xs) if len(xs) > 1 else 0.0
-            return f"{statistics.mean(xs):.4f} ± {spread:.4f}"
+            if len(xs) == 1:  # one seed: no spread to show
+                return f"{xs[0]:.4f}"
+            return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}"
 
         best = " ".join(str(r["best_epoch"]) for r in records)
         decoders = sorted({r["decoder"] for r in records if "decoder" in r})
