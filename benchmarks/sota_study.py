@@ -21,7 +21,8 @@ import statistics
 import sys
 from typing import Dict, List, Optional, Tuple
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: the siblings below
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [os.path.join(REPO, "benchmarks"), REPO]  # run as a script: the siblings below, and sidvid_rec
 from cobra_table import DATASETS, ensure_sids, sidvid  # noqa: E402  (one CLI runner, one SID build)
 
 Row = Tuple[str, str, List[str], List[str]]
@@ -125,7 +126,6 @@ def choose_decoder(run_dir: str, log: str, settings: List[Tuple[str, List[str]]]
 
 def evaluation(run_dir: str, split: str, overrides: List[str]) -> Dict[str, float]:
     """What ``sidvid-rec evaluate`` recorded for ``split`` under the run's config plus ``overrides``."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from sidvid_rec.config import load_run_config
     from sidvid_rec.eval.records import lookup
 
@@ -166,7 +166,6 @@ def report(out: str, seeds: List[int], epochs: int) -> str:
 
 def most_popular() -> Dict[str, float]:
     """The most-popular baseline on Beauty's test split, by the package's own evaluation."""
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from sidvid_rec.config import load_config
     from sidvid_rec.data import load_sequences
     from sidvid_rec.eval.popularity import evaluate_most_popular
