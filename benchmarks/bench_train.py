@@ -24,7 +24,7 @@ in-backward table update.
 import os
 import statistics
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 REFERENCE_TOKENS_PER_S = 6511.0
 """generative-recommenders' research HSTU, training tokens/s on ML-100k (../shared/REFERENCE.md)."""
@@ -283,8 +283,9 @@ def hstu_train_flops(lengths: List[int], dim: int, num_blocks: int, num_heads: i
 
     Per layer, forward (T = sum L, S = sum L^2, one multiply-add = 2 FLOPs):
     ``uvqk``: 2 T d H(2 dv + 2 dqk); output projection: 2 T H dv d;
-    attention: ``q k^T`` 2 S H dqk + ``A v`` 2 S H dv (the full L x L square per sequence, as
-    the kernel computes it; a causal-only count would be about half).
+    attention: ``q k^T`` 2 S H dqk + ``A v`` 2 S H dv (the full L x L square per sequence: the
+    reference computation, held fixed whatever part of it a kernel computes; a causal-only count
+    would be about half).
     Backward = 2 x forward for every matmul (gradients of both operands), so training =
     3 x forward. Norms, SiLU, bias gathers and dropout (O(T d) and O(S)) are not counted.
     """
@@ -296,14 +297,15 @@ def hstu_train_flops(lengths: List[int], dim: int, num_blocks: int, num_heads: i
             "total": 3 * num_blocks * (linear + attention), "tokens": tokens, "square": square}
 
 
-def matmul_rate(n: int, repeats: int, device: str = "cpu") -> Dict[str, float]:
-    """Best fp32 FLOP/s of ``[n, n] @ [n, n]`` over ``repeats`` runs (2 n^3 FLOPs each)."""
+def matmul_rate(n: int, repeats: int, device: str = "cpu", dtype: str = "float32") -> Dict[str, float]:
+    """Best FLOP/s of ``[n, n] @ [n, n]`` in ``dtype`` over ``repeats`` runs (2 n^3 FLOPs each)."""
     import torch
 
     from benchmarks.common import synchronize
 
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    out = torch.empty(n, n, device=device)
+    kind = getattr(torch, dtype)
+    a, b = torch.randn(n, n, device=device, dtype=kind), torch.randn(n, n, device=device, dtype=kind)
+    out = torch.empty(n, n, device=device, dtype=kind)
     torch.matmul(a, b, out=out)  # warm-up
     times = []
     for _ in range(repeats):
@@ -315,21 +317,25 @@ def matmul_rate(n: int, repeats: int, device: str = "cpu") -> Dict[str, float]:
     return {"n": n, "best_flops": 2 * n**3 / min(times), "median_flops": 2 * n**3 / statistics.median(times)}
 
 
-def hstu_flops(ml100k_file: str, steps: int, matmul_n: int, matmul_repeats: int, device: str = "cpu") -> Dict[str, Any]:
-    """Encoder fwd+bwd FLOP/s on ML-100k batches and on long synthetic sequences, vs the matmul rate.
+ENCODER_VARIANTS: Dict[str, Tuple[str, int]] = {
+    "fp32, whole square (before)": ("fp32", 0),
+    "fp32, block-causal (default)": ("fp32", 64),
+    "bf16, block-causal": ("bf16", 64),
+}
+"""Encoder kernels the ``limit`` workload times side by side: (``train.precision``,
+``train.attention_block``). The first is the kernel before block-causal attention (the baseline
+of the ratios); the second is the default."""
+DEFAULT_ENCODER_VARIANT = "fp32, block-causal (default)"
 
-    The model is the ML-100k config's HSTU (d=50, 2 blocks, 1 head, dqk=dv=50, dropout 0.2).
-    """
+
+def _limit_workloads(ml100k_file: str, steps: int) -> Dict[str, Tuple[int, List[Tuple[Any, Any, Any]]]]:
+    """The ``limit`` section's batches: real ML-100k (when present) and 8 synthetic sequences of 1000."""
     import numpy as np
     import torch
 
     from benchmarks import jagged_vs_padded as jvp
-    from benchmarks.common import synchronize
-    from sidvid_rec.modules.hstu import HSTUEncoder
-    from sidvid_rec.ops import hstu_attention, jagged
+    from sidvid_rec.ops import jagged
 
-    dims = dict(dim=50, num_blocks=2, num_heads=1, dqk=50, dv=50)
-    rate_before = matmul_rate(matmul_n, matmul_repeats, device)
     workloads = {}
     if os.path.exists(ml100k_file):
         jvp.DATA["ml-100k"] = (ml100k_file, 200)
@@ -338,38 +344,68 @@ def hstu_flops(ml100k_file: str, steps: int, matmul_n: int, matmul_repeats: int,
     rng = np.random.default_rng(0)
     long_batches = []
     for _ in range(steps + 1):
-        lengths = torch.full((8,), 1000, dtype=torch.int64)
-        offsets = jagged.lengths_to_offsets(lengths)
+        offsets = jagged.lengths_to_offsets(torch.full((8,), 1000, dtype=torch.int64))
         ts = torch.from_numpy(np.cumsum(rng.integers(1, 86400, size=8000)).astype(np.int64))
         long_batches.append((torch.zeros(8000, dtype=torch.int64), ts, offsets))
     workloads["synthetic 8 x 1000"] = (1000, long_batches)
-    results = {}
-    for name, (max_len, batches) in workloads.items():
+    return workloads
+
+
+def hstu_flops(ml100k_file: str, steps: int, matmul_n: int, matmul_repeats: int, device: str = "cpu",
+               variants: Optional[Dict[str, Tuple[str, int]]] = None) -> Dict[str, Any]:
+    """Encoder fwd+bwd FLOP/s on ML-100k batches and on long synthetic sequences, vs the matmul rate.
+
+    The model is the ML-100k config's HSTU (d=50, 2 blocks, 1 head, dqk=dv=50, dropout 0.2). Each
+    kernel of ``variants`` (default :data:`ENCODER_VARIANTS`) runs every batch, the variants
+    interleaved batch by batch with their order rotated, the same weights and inputs for all.
+    ``workloads`` holds the default variant's figures; ``variants`` every variant's.
+    """
+    import torch
+
+    from benchmarks.common import synchronize
+    from sidvid_rec.modules.hstu import HSTUEncoder
+    from sidvid_rec.ops import hstu_attention, jagged
+
+    variants = dict(ENCODER_VARIANTS if variants is None else variants)
+    dims = dict(dim=50, num_blocks=2, num_heads=1, dqk=50, dv=50)
+    rate_before = matmul_rate(matmul_n, matmul_repeats, device)
+    rate_bf16 = matmul_rate(matmul_n, matmul_repeats, device, "bfloat16")
+    results: Dict[str, Dict[str, Any]] = {}
+    names = list(variants)
+    for name, (max_len, batches) in _limit_workloads(ml100k_file, steps).items():
         torch.manual_seed(0)
         encoder = HSTUEncoder(max_len=max_len, dropout=0.2, attn_dropout=0.0, **dims).to(device)
-        times, flops, executed = [], [], []
+        times: Dict[str, List[float]] = {v: [] for v in names}
+        executed: Dict[str, List[int]] = {v: [] for v in names}
+        flops = []
         for i, (_, ts, offsets) in enumerate(batches):
             ts, offsets = ts.to(device), offsets.to(device)
             tokens = int(offsets[-1])
             x = torch.randn(tokens, dims["dim"], device=device, requires_grad=True)
             grad = torch.randn(tokens, dims["dim"], device=device)
-            synchronize(device)
-            start = time.perf_counter()
-            encoder(x, offsets, ts).backward(grad)
-            synchronize(device)
-            if i == 0:  # warm-up
-                continue
-            times.append(time.perf_counter() - start)
-            lengths = jagged.offsets_to_lengths(offsets).tolist()
-            flops.append(hstu_train_flops(lengths, **dims))
-            plan = hstu_attention.build_attention_plan(offsets, ts, ts, None, max_len, 128, True)
-            executed.append(sum(c.num_seqs * c.width**2 for c in plan.layout.chunks))
-        results[name] = {
-            "ms": 1e3 * statistics.median(times), "tokens": sum(x["tokens"] for x in flops) / len(flops),
-            "flops_per_step": sum(x["total"] for x in flops) / len(flops),
-            "attention_share": sum(x["attention"] for x in flops) / sum(x["total"] for x in flops),
-            "achieved_flops": sum(x["total"] for x in flops) / sum(times),
-            "executed_square_over_real": sum(executed) / sum(x["square"] for x in flops),
-        }
+            for variant in names[i % len(names):] + names[:i % len(names)]:
+                encoder.precision, encoder.causal_block = variants[variant]
+                synchronize(device)
+                start = time.perf_counter()
+                encoder(x, offsets, ts).backward(grad)
+                synchronize(device)
+                if i > 0:  # the first batch warms every variant up
+                    times[variant].append(time.perf_counter() - start)
+                    plan = hstu_attention.build_attention_plan(offsets, ts, ts, None, max_len, 128, True,
+                                                               causal_block=encoder.causal_block)
+                    executed[variant].append(plan.executed_area())
+            if i > 0:
+                flops.append(hstu_train_flops(jagged.offsets_to_lengths(offsets).tolist(), **dims))
+        total = sum(x["total"] for x in flops)
+        results[name] = {variant: {
+            "ms": 1e3 * statistics.median(times[variant]), "tokens": sum(x["tokens"] for x in flops) / len(flops),
+            "flops_per_step": total / len(flops),
+            "attention_share": sum(x["attention"] for x in flops) / total,
+            "achieved_flops": total / sum(times[variant]),
+            "executed_square_over_real": sum(executed[variant]) / sum(x["square"] for x in flops),
+        } for variant in names}
     rate_after = matmul_rate(matmul_n, matmul_repeats, device)
-    return {"matmul_before": rate_before, "matmul_after": rate_after, "workloads": results, "dims": dims}
+    default = DEFAULT_ENCODER_VARIANT if DEFAULT_ENCODER_VARIANT in names else names[0]
+    return {"matmul_before": rate_before, "matmul_after": rate_after, "matmul_bf16": rate_bf16,
+            "workloads": {name: per[default] for name, per in results.items()}, "variants": results,
+            "default_variant": default, "dims": dims}

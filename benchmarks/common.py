@@ -10,6 +10,7 @@ written to ``/proc/self/clear_refs``; :func:`reset_peak_rss` does that right bef
 measured part, so :func:`peak_rss_mb` is that part's peak, not the set-up's.
 """
 
+import argparse
 import contextlib
 import datetime
 import importlib
@@ -278,6 +279,20 @@ def update_results(path: str, sections: Dict[str, str]) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def add_report_args(parser: argparse.ArgumentParser, section: str) -> None:
+    """``--report`` (format finished runs only) and ``--record RESULTS_MD`` (write them to ``section``)."""
+    parser.add_argument("--report", action="store_true", help="print the tables of finished runs only")
+    parser.add_argument("--record", default=None, metavar="RESULTS_MD",
+                        help=f"with --report: also write the tables to this file's `{section}` section")
+
+
+def emit_report(text: str, record: Optional[str], section: str) -> None:
+    """Prints a study's tables and, with ``record``, writes them to its RESULTS.md section."""
+    print(text)
+    if record:
+        update_results(record, {section: text})
 
 
 # ----------------------------------------------------------------------------- plots

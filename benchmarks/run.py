@@ -329,22 +329,40 @@ def limit_section(suite: Suite, device: str = "cpu") -> Section:
         f"FLOP count per call (T = sum L, S = sum L^2, a multiply-add = 2 FLOPs, per layer, "
         f"forward): `uvqk` 2·T·d·H·(2dv+2dqk) + output projection 2·T·H·dv·d + attention "
         f"2·S·H·dqk (q k^T) + 2·S·H·dv (A v), attention over the full L x L square of each sequence "
-        f"as the kernel computes it (a causal-only count is about half). Backward = 2 x forward for "
+        f"(the reference computation, held fixed: the block-causal kernel computes only part of it, "
+        f"'executed / real area', which shows as a higher rate). Backward = 2 x forward for "
         f"every matmul, so a training call = 3 x forward x layers. Norms, SiLU, bias gathers and "
         f"dropout are not counted (they are memory-bound, O(T·d) and O(S)). 'executed / real area': "
         f"the attention area the length-chunked kernel computes (chunks padded to their longest "
-        f"member) over S.\n\n"
+        f"member; with block-causal attention only the query blocks' keys up to the block's end) over S.\n\n"
         f"Limit: the best of 5 `torch.matmul` of [{n}, {n}] fp32 matrices (2·n^3 FLOPs) in the same "
         f"process, before ({r['matmul_before']['best_flops'] / 1e9:.1f} GFLOP/s) and after "
         f"({r['matmul_after']['best_flops'] / 1e9:.1f} GFLOP/s) the HSTU runs; the larger is the limit.\n\n"
         + md_table(["workload", "tokens", "GFLOP / call", "attention share", "executed / real area", "ms / call",
                     "achieved GFLOP/s", "matmul GFLOP/s", "of the limit"], rows)
+        + _limit_variants(r, peak)
         + "\n\nThe matmul rate is what one core reaches on large square products; HSTU's matmuls are "
           "thin (d=50: [T, 50] x [50, 200], and [n, 50] x [50, n] per sequence block), so they run far "
           "below it, and the elementwise work between them (SiLU, bias gather, LayerNorm, dropout) "
           "costs time without counted FLOPs."
     )
     return Section("limit", body, summary)
+
+
+def _limit_variants(r: Dict[str, Any], peak: float) -> str:
+    """The encoder kernels timed side by side on the same batches (``bench_train.ENCODER_VARIANTS``)."""
+    bf16 = r["matmul_bf16"]["best_flops"]
+    rows = []
+    for workload, per in r["variants"].items():
+        base = next(iter(per.values()))["achieved_flops"]
+        rows += [[workload, name, num(w["ms"]), f"{w['achieved_flops'] / 1e9:.1f}", f"{w['achieved_flops'] / base:.2f}x",
+                  f"{w['executed_square_over_real']:.2f}", f"**{100 * w['achieved_flops'] / peak:.0f}%**",
+                  f"{100 * w['achieved_flops'] / bf16:.0f}%"] for name, w in per.items()]
+    return (f"\n\nEach encoder kernel on the same batches, interleaved batch by batch (`train.precision`, "
+            f"`train.attention_block`; the table above is `{r['default_variant']}`). bf16 matmul "
+            f"[{r['matmul_bf16']['n']}]^2: {bf16 / 1e9:.1f} GFLOP/s.\n\n"
+            + md_table(["workload", "kernel", "ms / call", "achieved GFLOP/s", "vs whole square", "executed / real area",
+                        "of the fp32 limit", "of the bf16 matmul"], rows))
 
 
 # ----------------------------------------------------------------------------- 3. scaling

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(REPO, "benchmarks"), REPO]  # run as a script: the siblings below, and sidvid_rec
 from cobra_table import DATASETS, ensure_sids, sidvid  # noqa: E402  (one CLI runner, one SID build)
+from common import add_report_args, emit_report  # noqa: E402  (benchmarks/common.py, a sibling)
 
 Row = Tuple[str, str, List[str], List[str]]
 """(row name, config file in configs/amazon-beauty, overrides, ``sids.*`` overrides of its SID build)."""
@@ -42,6 +43,7 @@ ROWS: List[Row] = [
                                         "train.warmup_steps=100"], []),
     ("sid_id-all-d128", "hstu.yaml", ["model.mode=sid_id", "loss.negatives=all", "model.dim=128", "model.dqk=128",
                                       "model.dv=128"], []),
+    ("sid_id-all-len50", "hstu.yaml", ["model.mode=sid_id", "loss.negatives=all", "data.max_len=50"], []),
     # sid_gen: SIDs of 3 x 32 (cobra.yaml's) vs 3 x 256 codes, dropout, lr; chosen on validation
     ("sid_gen-k32", "sid_gen.yaml", SID_GEN, []),
     ("sid_gen-k256", "sid_gen.yaml", SID_GEN, K256),
@@ -50,6 +52,9 @@ ROWS: List[Row] = [
     # ... with each complete history item's ID row on its last code token (model.sid_gen_item_ids)
     ("sid_gen-k256-ids", "sid_gen.yaml", SID_GEN + ["model.sid_gen_item_ids=true"], K256),
     ("sid_gen-k256-ids-d0.2", "sid_gen.yaml", SID_GEN + ["model.sid_gen_item_ids=true", "model.dropout=0.2"], K256),
+    # ... and the last level scored by the items its codes complete (model.sid_gen_item_output)
+    ("sid_gen-k256-ids-itemout", "sid_gen.yaml", SID_GEN + ["model.sid_gen_item_ids=true",
+                                                          "model.sid_gen_item_output=true"], K256),
     # ... with each code token's input the sum of its item's codes so far (model.sid_gen_prefix_inputs)
     ("sid_gen-k256-prefix", "sid_gen.yaml", SID_GEN + ["model.sid_gen_prefix_inputs=true"], K256),
     ("sid_gen-k256-prefix-ids", "sid_gen.yaml", SID_GEN + ["model.sid_gen_prefix_inputs=true",
@@ -183,20 +188,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--seeds", type=int, nargs="*", default=[42, 43, 44], help="with --report")
     parser.add_argument("--only", nargs="*", default=None, help="row names to run (default: all)")
-    parser.add_argument("--report", action="store_true", help="print the table of finished runs only")
-    parser.add_argument("--record", default=None, metavar="RESULTS_MD",
-                        help="with --report: also write the table to this file's `sota` section")
+    add_report_args(parser, "sota")
     args = parser.parse_args(argv)
     out = os.path.abspath(args.out)
     if args.report:
         table = (f"Amazon Beauty, {args.epochs} epochs (patience {args.patience}), test of each run's "
                  f"best-validation checkpoint, mean ± std over seeds {', '.join(map(str, args.seeds))}:\n\n"
                  + report(out, args.seeds, args.epochs))
-        print(table)
-        if args.record:
-            from common import update_results  # noqa: E402  (benchmarks/common.py, a sibling)
-
-            update_results(args.record, {"sota": table})
+        emit_report(table, args.record, "sota")
         return 0
     spec = dict(DATASETS["amazon-beauty"])
     seed_dir = os.path.join(out, f"e{args.epochs}-s{args.seed}")

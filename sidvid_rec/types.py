@@ -62,6 +62,11 @@ Device = Literal["auto", "cpu", "cuda"]
 """Where a computation runs (``auto``: CUDA when available)."""
 Precision = Literal["fp32", "tf32", "bf16"]
 """Training/inference arithmetic: float32; float32 with TF32 matmuls (CUDA); bfloat16 autocast of the encoder."""
+ATTENTION_BLOCK: int = 64
+"""Query rows per block of the block-causal HSTU attention kernel (``train.attention_block``'s
+default). Smaller blocks skip more of the masked upper triangle but run more, thinner matmuls;
+64 was the fastest of 32 / 64 / 128 / whole chunks on ML-100k batches (benchmarks/RESULTS.md,
+"Block-causal attention")."""
 AttentionScale = Literal["length", "max_len"]
 """HSTU attention is divided by each sequence's true length or by the fixed ``max_len``."""
 QueryTime = Literal["target", "own"]

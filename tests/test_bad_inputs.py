@@ -275,6 +275,10 @@ CASES = [
     Case("unknown-command", ["serve-me"], "serve-me"),
     Case("item-ids-outside-sid-gen", ["train", "--run-dir", "{ws}/run2", "@data", "model.sid_gen_item_ids=true"],
          "model.mode=sid_gen"),
+    Case("item-output-without-item-ids", ["train", "--run-dir", "{ws}/run2", "@data", "model.mode=sid_gen",
+                                          "model.sid_gen_item_output=true"], "model.sid_gen_item_ids=true"),
+    Case("attention-block-negative", ["train", "--run-dir", "{ws}/run2", "@data", "train.attention_block=-1"],
+         "train.attention_block"),
     Case("unknown-key", ["train", "--run-dir", "{ws}/run2", "@data", "train.no_such_key=1"], "no_such_key"),
 ]
 

@@ -152,15 +152,17 @@ def test_fingerprint_of_the_whole_head_is_unchanged():
     from sidvid_rec.train.checkpoint import model_fingerprint
 
     cfg = load_config(None, ["model.mode=cobra"])
-    old = {k: v for k, v in cfg.model.__dict__.items() if k not in ("cobra_sid_head", "sid_gen_item_ids", "sid_gen_prefix_inputs")}
+    added = ("cobra_sid_head", "sid_gen_item_ids", "sid_gen_prefix_inputs", "sid_gen_item_output")
+    old = {k: v for k, v in cfg.model.__dict__.items() if k not in added}
     shape = {"model": old, "num_items": 7, "max_len": cfg.data.max_len, "data_path": cfg.data.path,
              "format": cfg.data.format}
     before = hashlib.sha256(json.dumps(shape, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert model_fingerprint(cfg, 7) == before
     assert model_fingerprint(load_config(None, ["model.mode=cobra", "model.cobra_sid_head=codes"]), 7) != before
     sid_gen = load_config(None, ["model.mode=sid_gen"])
-    assert model_fingerprint(sid_gen, 7) != model_fingerprint(
-        load_config(None, ["model.mode=sid_gen", "model.sid_gen_item_ids=true"]), 7)
+    with_ids = load_config(None, ["model.mode=sid_gen", "model.sid_gen_item_ids=true"])
+    assert model_fingerprint(sid_gen, 7) != model_fingerprint(with_ids, 7) != model_fingerprint(
+        load_config(None, ["model.mode=sid_gen", "model.sid_gen_item_ids=true", "model.sid_gen_item_output=true"]), 7)
 
 
 def test_codes_export_retrieval_needs_no_training_code(codes_run):

@@ -68,8 +68,10 @@ def test_same_state_dict_keys():
         {"num_heads": 3, "dqk": 4, "dv": 5, "num_blocks": 3},
     ],
 )
-def test_parity_outputs_and_gradients_mixed_lengths(overrides):
+@pytest.mark.parametrize("causal_block", [0, 5, 64])  # whole chunks; 5-row blocks (a ragged last); one block
+def test_parity_outputs_and_gradients_mixed_lengths(overrides, causal_block):
     enc, ref = _pair(**overrides)
+    enc.causal_block = causal_block
     x, offsets, ts = _batch([1, 24, 5, 1, 17, 17, 3, 9, 2, 23])
     _assert_parity(enc, ref, x, offsets, ts)
 
@@ -77,6 +79,7 @@ def test_parity_outputs_and_gradients_mixed_lengths(overrides):
 def test_parity_with_positions_and_query_timestamps():
     """COBRA-style input: two tokens per item share a position and a timestamp."""
     enc, ref = _pair()
+    enc.causal_block = 7
     x, offsets, ts = _batch([2, 12, 6, 20])
     item_ts = ts[::2].repeat_interleave(2)  # a SID/VID pair shares one time
     positions = jagged.index_within_sequence(offsets) // 2
@@ -94,6 +97,7 @@ def test_parity_on_real_sequences(cache_dir):
     offsets = jagged.lengths_to_offsets(torch.tensor([b - a for a, b in spans]))
     x = torch.randn(int(offsets[-1]), 16, generator=torch.Generator().manual_seed(0))
     enc, ref = _pair(num_heads=2)
+    enc.causal_block = 8
     _assert_parity(enc, ref, x, offsets, ts)
 
 
@@ -106,6 +110,10 @@ def test_fused_and_plain_attention_agree_and_chunking_does_not_matter():
     enc.fused = True
     for overhead in (0.0, 1e12):  # one chunk per distinct length; one chunk padded to the max
         enc.chunk_overhead = overhead
+        torch.testing.assert_close(enc(x, offsets, ts), baseline, rtol=1e-5, atol=1e-6)
+    enc.chunk_overhead = 0.0
+    for block in (1, 3, 0):  # block-causal rows: one query per block .. the whole square
+        enc.causal_block = block
         torch.testing.assert_close(enc(x, offsets, ts), baseline, rtol=1e-5, atol=1e-6)
 
 
@@ -169,3 +177,30 @@ def test_bad_input_raises_one_line_data_error(make, message):
     with pytest.raises(DataError, match=message) as err:
         enc(*make(x, offsets, ts))
     assert "\n" not in str(err.value)
+
+
+def test_block_causal_plan_skips_the_masked_blocks_and_is_configurable():
+    """``train.attention_block`` reaches the encoder; the plan computes only the query blocks'
+    keys up to each block's end (at width 200 and blocks of 64: 65% of the square)."""
+    from sidvid_rec.config import load_config
+    from sidvid_rec.errors import ConfigError
+    from sidvid_rec.models.build import build_encoder
+    from sidvid_rec.ops import hstu_attention
+
+    offsets = jagged.lengths_to_offsets(torch.tensor([200, 200, 130]))
+    ts = torch.arange(int(offsets[-1]))
+    whole = hstu_attention.build_attention_plan(offsets, ts, ts, None, 200, 8, True, causal_block=0)
+    blocked = hstu_attention.build_attention_plan(offsets, ts, ts, None, 200, 8, True, causal_block=64)
+    assert blocked.blocks[0] == [(0, 64), (64, 128), (128, 192), (192, 200)]
+    assert whole.executed_area() == sum(c.num_seqs * c.width ** 2 for c in whole.layout.chunks)
+    square = sum(c.num_seqs * c.width ** 2 for c in blocked.layout.chunks)
+    assert blocked.executed_area() < 0.7 * square
+    # every block's bias index is the whole square's, sliced: the same bucket, distance and mask
+    for c, chunk in enumerate(blocked.layout.chunks):
+        for (r0, r1), index in zip(blocked.blocks[c], blocked.bias_index[c]):
+            torch.testing.assert_close(index, whole.bias_index[c][0][:, r0:r1, :r1])
+    cfg = load_config(None, ["train.attention_block=0", "model.mode=id"])
+    assert build_encoder(cfg).causal_block == 0
+    assert build_encoder(load_config(None, [])).causal_block == hstu_attention.CAUSAL_BLOCK
+    with pytest.raises(ConfigError, match="train.attention_block"):
+        load_config(None, ["train.attention_block=-1"])

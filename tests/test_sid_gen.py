@@ -45,7 +45,7 @@ def make_batch(histories, targets, training: bool) -> SequenceBatch:
 
 
 def tiny_model(scale: str = "length", seed: int = 0, item_ids: bool = False,
-               prefix_inputs: bool = False) -> SidGenRecommender:
+               prefix_inputs: bool = False, item_output: bool = False) -> SidGenRecommender:
     torch.manual_seed(seed)
     codes = _codes()
     trie = SidTrie.from_codes(codes)
@@ -56,7 +56,7 @@ def tiny_model(scale: str = "length", seed: int = 0, item_ids: bool = False,
         layer.rel_bias.ts_w.data.normal_(std=0.3)
         layer.rel_bias.pos_w.data.normal_(std=0.3)
     return SidGenRecommender(CodeTokenEmbeddings(rows, DIM), enc, codes, temperature=0.2, item_ids=item_ids,
-                             prefix_inputs=prefix_inputs).eval()
+                             prefix_inputs=prefix_inputs, item_output=item_output).eval()
 
 
 HISTORIES = [[3, 9, 27, 1, 14, 30, 2, 8], [5, 6], [11, 12, 40, 7]]
@@ -175,14 +175,17 @@ def test_prefix_inputs_sum_each_items_code_rows_up_to_the_token():
     assert float(tiny_model(prefix_inputs=True)(batch).loss) != float(tiny_model()(batch).loss)
 
 
-@pytest.mark.parametrize("item_ids,prefix_inputs", [(False, False), (True, False), (False, True), (True, True)])
-def test_decoding_states_give_the_teacher_forced_loss(item_ids, prefix_inputs):
+@pytest.mark.parametrize("item_ids,prefix_inputs,item_output",
+                         [(False, False, False), (True, False, False), (False, True, False), (True, True, False),
+                          (True, False, True)])
+def test_decoding_states_give_the_teacher_forced_loss(item_ids, prefix_inputs, item_output):
     """Training and decoding lay the tokens out alike: from a one-item history, the decoder's
-    per-level logits along the target's code path (cached states, no trie mask) give exactly the
+    per-level logits along the target's code path (cached states, no trie mask; with
+    ``item_output`` the last level over the items of the target's prefix) give exactly the
     training loss of the two-item sequence (mean next-code cross-entropy of the target's codes)."""
     from sidvid_rec.decode.sid_beam import _CachedStates
 
-    model = tiny_model(item_ids=item_ids, prefix_inputs=prefix_inputs)
+    model = tiny_model(item_ids=item_ids, prefix_inputs=prefix_inputs, item_output=item_output)
     histories, targets = [[3], [5], [11]], [4, 19, 33]
     train_loss = float(model(make_batch(histories, targets, training=True)).loss)
     batch = make_batch(histories, targets, training=False)
@@ -194,16 +197,19 @@ def test_decoding_states_give_the_teacher_forced_loss(item_ids, prefix_inputs):
         if level > 0:
             token = (codes[:, level - 1] + tables.level_offsets[level - 1]).unsqueeze(1)  # [B, 1]
             states = states_of.next(level, token, torch.arange(len(targets)) if level > 1 else None)
-        logits = tables.level_logits(states, level)
+        completes = None
+        if item_output and level == model.num_levels - 1:
+            completes = model.trie.child_items(model.trie.node_of_item[level - 1][torch.tensor(targets)])
+        logits = tables.level_logits(states, level, completes)
         losses.append(torch.nn.functional.cross_entropy(logits, codes[:, level], reduction="none"))
     assert float(torch.stack(losses).mean()) == pytest.approx(train_loss, rel=1e-5)
 
 
-@pytest.mark.parametrize("item_ids,prefix_inputs", [(True, False), (False, True), (True, True)])
-def test_item_id_rows_reach_decoding_and_the_cache_equals_re_encoding(item_ids, prefix_inputs):
+@pytest.mark.parametrize("prefix_inputs,item_output", [(False, False), (True, False), (False, True)])
+def test_item_id_rows_reach_decoding_and_the_cache_equals_re_encoding(prefix_inputs, item_output):
     """The beam reads the item rows (the top-K moves with them); cached = re-encoding with the
-    item rows and / or prefix inputs; and the beam's scores are the teacher-forced model's."""
-    model = tiny_model(item_ids=True, prefix_inputs=prefix_inputs)
+    item rows and / or prefix inputs and / or item-scored last level."""
+    model = tiny_model(item_ids=True, prefix_inputs=prefix_inputs, item_output=item_output)
     batch = make_batch(HISTORIES, TARGETS, training=False)
     tables = model.generation_tables()
     assert tables.item_table is not None and tables.item_table.shape == (NUM_ITEMS + 1, DIM)
@@ -213,6 +219,27 @@ def test_item_id_rows_reach_decoding_and_the_cache_equals_re_encoding(item_ids, 
     without = tables._replace(item_table=torch.zeros_like(tables.item_table))
     moved = sid_beam_search(model.encoder, without, model.trie, model.prepare(batch, without), 10)
     assert not torch.allclose(moved.scores, cached.scores)
+
+
+def test_item_output_scores_the_last_level_by_the_completed_items():
+    """``item_output``: the last level's logits move with the ID row of the item a code completes
+    (training loss and beam), children no item has are never returned, and the returned items
+    are valid, distinct and unseen."""
+    model = tiny_model(item_ids=True, item_output=True)
+    batch = make_batch(HISTORIES, TARGETS, training=True)
+    base = float(model(batch).loss)
+    item_rows = int(model.level_offsets[-1])
+    with torch.no_grad():  # the final target's ID row: an input nowhere, but the scored item's row
+        model.embeddings.ebc.embedding_bags["sid_code"].weight[item_rows + TARGETS[0]] += 1.0
+    assert float(model(batch).loss) != base
+    top = _search(model, k=10)
+    valid = set(range(1, NUM_ITEMS + 1))
+    for row, history in zip(top.items.tolist(), HISTORIES):
+        assert set(row) <= valid and len(set(row)) == len(row) and not set(row) & set(history)
+    completes = model.trie.child_items(torch.arange(model.trie.num_nodes(model.num_levels - 2)))
+    assert ((completes >= 0) == (model.trie.children[model.num_levels - 1] >= 0)).all()
+    with pytest.raises(ValueError, match="item_ids"):
+        tiny_model(item_ids=False, item_output=True)
 
 
 # ----------------------------------------------------------------------------- beam search

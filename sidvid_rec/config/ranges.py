@@ -122,6 +122,7 @@ _RANGES: Dict[str, Range] = {
     "train.patience": _POSITIVE,
     "train.eval_every": _POSITIVE,
     "train.max_steps": _NON_NEGATIVE,
+    "train.attention_block": _NON_NEGATIVE,  # 0 = whole chunks
     "train.checkpoint_every": _NON_NEGATIVE,
     "train.warmup_steps": _NON_NEGATIVE,  # 0 = no warm-up
     "train.min_lr_ratio": _UNIT,
@@ -168,9 +169,12 @@ def _validate(cfg: Config) -> None:
     if cfg.model.mode == "cobra" and cfg.model.cobra_sid_head == "codes" and cfg.eval.decoder == "soft":
         raise ConfigError("eval.decoder=soft needs model.cobra_sid_head=whole; with model.cobra_sid_head=codes "
                           "use direct, neighbor or beam")
-    for key in ("sid_gen_item_ids", "sid_gen_prefix_inputs"):
+    for key in ("sid_gen_item_ids", "sid_gen_prefix_inputs", "sid_gen_item_output"):
         if getattr(cfg.model, key) and cfg.model.mode != "sid_gen":
             raise ConfigError(f"model.{key}=true applies to model.mode=sid_gen, got {cfg.model.mode}")
+    if cfg.model.sid_gen_item_output and not cfg.model.sid_gen_item_ids:
+        raise ConfigError("model.sid_gen_item_output=true scores the last level with the item-ID rows: "
+                          "set model.sid_gen_item_ids=true as well")
     loss, train = cfg.loss, cfg.train
     if loss.negatives_block and (loss.negatives != "uniform" or loss.label_smoothing):
         raise ConfigError(f"loss.negatives_block={loss.negatives_block} applies to loss.negatives=uniform without "

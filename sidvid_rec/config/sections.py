@@ -5,9 +5,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
-from sidvid_rec.types import (AttentionScale, Balance, BeamFuse, CobraSidHead, DataFormat, DecoderKind, Device,
-                              EmbeddingOptimizer, Fusion, IndexKind, ItemNegatives, LrSchedule, ModelMode, Pooling,
-                              Precision, QueryTime, Sharding, SidMethod, SidSoftmax, SplitProtocol, TrainPipelineKind,
+from sidvid_rec.types import (ATTENTION_BLOCK, AttentionScale, Balance, BeamFuse, CobraSidHead, DataFormat,
+                              DecoderKind, Device, EmbeddingOptimizer, Fusion, IndexKind, ItemNegatives, LrSchedule,
+                              ModelMode, Pooling, Precision, QueryTime, Sharding, SidMethod, SidSoftmax, SplitProtocol, TrainPipelineKind,
                               VidNegatives)
 
 
@@ -170,6 +170,11 @@ class ModelConfig:
     SID prefix so far), not its own row alone. HSTU's attention is pointwise and divided by the
     length, so an item's earlier codes reach a later token only diluted by the whole history;
     with prefix inputs they ride on the residual path."""
+    sid_gen_item_output: bool = False
+    """``sid_gen`` (with ``sid_gen_item_ids``): the last level scores each child of the prefix with
+    its code's output vector plus the item-ID row of the item it completes, so the final choice
+    between the items under one prefix has per-item capacity (the code rows are shared by every
+    item with that code, and the disambiguation code means nothing)."""
     sid_gen_item_ids: bool = False
     """``sid_gen``: add each history item's ID row to its last code token's input (the code table
     gains ``N + 1`` item rows). Only complete items carry it: a token fed to predict a later code
@@ -256,6 +261,11 @@ class TrainConfig:
     """Arithmetic of the encoder: ``fp32``; ``tf32`` (float32 with TF32 matmuls on CUDA, no effect
     on the CPU); ``bf16`` (the HSTU layers under bfloat16 autocast, CPU or CUDA; tables, losses and
     the optimizer state stay float32)."""
+    attention_block: int = ATTENTION_BLOCK
+    """Query rows per block of the block-causal HSTU attention kernel: block ``[r0, r1)`` attends
+    to keys ``[0, r1)`` only, so the masked blocks above the diagonal are never computed. The
+    same maths at any value (float order aside); ``0`` = each length chunk's whole ``[b, n, n]``
+    square, the kernel before block-causal attention."""
     max_steps: int = 0
     """Stop after this many optimizer steps (0 = no limit); for smoke tests."""
     checkpoint_every: int = 0

@@ -1,7 +1,8 @@
 """``sid_gen`` retrieval: beam search over SID codes, constrained to the trie of valid SIDs.
 
 Level by level, each beam (a valid prefix) scores the ``K_l`` codes of the next level
-(:meth:`~sidvid_rec.modules.sid_tokens.GenerationTables.level_logits`); children that no item
+(:meth:`~sidvid_rec.modules.sid_tokens.GenerationTables.level_logits`; with ``item_output`` the
+last level scores the items the codes complete); children that no item
 has (and, with history filtering, children whose every item is in the example's history) are
 masked to ``-inf`` *before* the softmax, so ``log p`` is the model's distribution over the
 valid continuations and a beam is never an invalid prefix. A beam's score is the sum of its
@@ -132,8 +133,11 @@ def beam_over_codes(states_of, tables: GenerationTables, trie: SidTrie, batch: i
         if level > 0:
             tokens = trie.node_code[level - 1][node] + tables.level_offsets[level - 1]
             states = states_of.next(level, tokens, parent_rows)
-        logits = tables.level_logits(states, level).view(batch, node.shape[1], -1)
         children = trie.children[level][node]
+        completes = None  # item_output: the item each last-level code completes under its beam's prefix
+        if tables.item_output and level == trie.num_levels - 1:
+            completes = torch.where(children >= 0, trie.item_of_leaf[children.clamp(min=0)], -1).flatten(0, 1)
+        logits = tables.level_logits(states, level, completes).view(batch, node.shape[1], -1)
         allowed = None if available is None else available(level, node)
         scores, parent, node = _expand(scores, logits, children, allowed, width)
         node = node.clamp(min=0)  # dead beams (score -inf, fewer valid prefixes than W) point anywhere

@@ -79,11 +79,13 @@ def encoder_params(cfg: Config, sid_levels: int = 0) -> HSTUParams:
                       num_time_buckets=m.num_time_buckets, attention_scale=m.attention_scale)
 
 
-def build_encoder(cfg: Config) -> HSTUEncoder:
-    """The HSTU of ``cfg`` with ``train.precision`` applied (bf16 autocast on the encoder; the
-    TF32 matmul switch is process-wide, :func:`~sidvid_rec.modules.hstu.set_matmul_precision`)."""
-    encoder = HSTUEncoder.from_params(encoder_params(cfg))
+def build_encoder(cfg: Config, sid_levels: int = 0) -> HSTUEncoder:
+    """The HSTU of ``cfg`` (``sid_levels``: as :func:`encoder_params`) with ``train.precision``
+    (bf16 autocast on the encoder; the TF32 matmul switch is process-wide,
+    :func:`~sidvid_rec.modules.hstu.set_matmul_precision`) and ``train.attention_block`` applied."""
+    encoder = HSTUEncoder.from_params(encoder_params(cfg, sid_levels))
     encoder.precision = cfg.train.precision
+    encoder.causal_block = cfg.train.attention_block
     set_matmul_precision(cfg.train.precision)
     return encoder
 
@@ -153,9 +155,10 @@ def _build_sid_gen(cfg: Config, codebook: SemanticIdCodebook, table_device: str)
     trie = SidTrie.from_codes(codebook.codes)  # refuses SIDs shared by two items
     item_rows = trie.num_items + 1 if cfg.model.sid_gen_item_ids else 0
     embeddings = CodeTokenEmbeddings(sum(trie.level_sizes) + item_rows, cfg.model.dim, device=table_device)
-    encoder = HSTUEncoder.from_params(encoder_params(cfg, trie.num_levels))
+    encoder = build_encoder(cfg, trie.num_levels)
     return SidGenRecommender(embeddings, encoder, codebook.codes, temperature=cfg.loss.temperature,
-                             item_ids=cfg.model.sid_gen_item_ids, prefix_inputs=cfg.model.sid_gen_prefix_inputs)
+                             item_ids=cfg.model.sid_gen_item_ids, prefix_inputs=cfg.model.sid_gen_prefix_inputs,
+                             item_output=cfg.model.sid_gen_item_output)
 
 
 def hstu_loss(cfg: Config, data: SequenceData) -> SampledSoftmaxLoss:

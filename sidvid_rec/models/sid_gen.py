@@ -31,8 +31,8 @@ from sidvid_rec.modules.code_embeddings import CodeTokenEmbeddings
 from sidvid_rec.modules.embeddings import INIT_STD
 from sidvid_rec.modules.hstu import HSTUEncoder
 from sidvid_rec.modules.interleave import append_step
-from sidvid_rec.modules.sid_tokens import (GenerationTables, GenInputs, code_tokens, item_token_inputs,
-                                           level_offsets, prepare_histories, token_table)
+from sidvid_rec.modules.sid_tokens import (GenerationTables, GenInputs, code_tokens, item_level_logits,
+                                           item_token_inputs, level_offsets, prepare_histories, token_table)
 from sidvid_rec.ops import jagged
 from sidvid_rec.semantic_ids.trie import SidTrie
 
@@ -55,17 +55,23 @@ class SidGenRecommender(nn.Module):
             each complete history item's last code token (``model.sid_gen_item_ids``).
         prefix_inputs: a token's input sums its item's code rows up to its level
             (``model.sid_gen_prefix_inputs``).
+        item_output: the last level's logits add each child's item-ID row to its code's output
+            vector (``model.sid_gen_item_output``; needs ``item_ids``):
+            :func:`~sidvid_rec.modules.sid_tokens.item_level_logits`.
     """
 
     def __init__(self, embeddings: CodeTokenEmbeddings, encoder: HSTUEncoder, codes: np.ndarray,
-                 temperature: float = 0.05, item_ids: bool = False, prefix_inputs: bool = False) -> None:
+                 temperature: float = 0.05, item_ids: bool = False, prefix_inputs: bool = False,
+                 item_output: bool = False) -> None:
         super().__init__()
+        if item_output and not item_ids:
+            raise ValueError("item_output scores the last level with the item-ID rows: it needs item_ids")
         self.trie = SidTrie.from_codes(codes)
         offsets = level_offsets(self.trie.level_sizes)
         rows = int(offsets[-1]) + (self.trie.num_items + 1 if item_ids else 0)
         if embeddings.num_rows != rows:
             raise ValueError(f"the code table has {embeddings.num_rows} rows, the SIDs need {rows}")
-        self.item_ids, self.prefix_inputs = item_ids, prefix_inputs
+        self.item_ids, self.prefix_inputs, self.item_output = item_ids, prefix_inputs, item_output
         self.embeddings = embeddings
         self.encoder = encoder
         self.temperature = temperature
@@ -74,6 +80,12 @@ class SidGenRecommender(nn.Module):
         codes_t = torch.as_tensor(np.asarray(codes), dtype=torch.int64)
         self.register_buffer("codes", codes_t.clamp(min=0), persistent=False)
         self.register_buffer("token_of_item", token_table(codes_t, offsets), persistent=False)
+        # the level-(L-2) prefix node of each item (the root for one-level SIDs), and the item
+        # each last-level code completes under every such node: what item_output scores
+        prefix = self.trie.node_of_item[self.num_levels - 2] if self.num_levels > 1 else torch.zeros_like(codes_t[:, 0])
+        self.register_buffer("prefix_of_item", prefix.clamp(min=0), persistent=False)
+        nodes = torch.arange(self.trie.num_nodes(self.num_levels - 2) if self.num_levels > 1 else 1)
+        self.register_buffer("child_items", self.trie.child_items(nodes), persistent=False)
         self.heads = nn.Parameter(torch.empty(int(offsets[-1]), embeddings.dim).normal_(std=INIT_STD))
 
     @property
@@ -107,9 +119,21 @@ class SidGenRecommender(nn.Module):
         rows = torch.nonzero(keep & (within >= self.num_levels - 1)).flatten()  # in the full layout
         next_level = full.level[rows + 1]
         target_codes = full.ids[rows + 1] - self.level_offsets[next_level]
-        out = code_softmax_loss(h[rows - seq[rows]], target_codes, next_level, self.heads, self.level_offsets,
-                                self.temperature)
-        return StepOutput(out.loss, out.num_positions)
+        states = h[rows - seq[rows]]
+        if not self.item_output:
+            out = code_softmax_loss(states, target_codes, next_level, self.heads, self.level_offsets, self.temperature)
+            return StepOutput(out.loss, out.num_positions)
+        last = next_level == self.num_levels - 1
+        codes = code_softmax_loss(states[~last], target_codes[~last], next_level[~last], self.heads,
+                                  self.level_offsets, self.temperature)
+        # the last code of each target: its prefix's children, scored with their items' ID rows
+        children = self.child_items[self.prefix_of_item[step_items[full.step[rows[last] + 1]]]]  # [P_L, K_L]
+        items, index = torch.unique(children.clamp(min=0), return_inverse=True)  # look each row up once
+        logits = item_level_logits(states[last], self.heads[int(self.level_offsets[-2]):],
+                                   self.embeddings.vectors(int(self.level_offsets[-1]) + items),
+                                   torch.where(children >= 0, index, -1), self.temperature)
+        completed = torch.nn.functional.cross_entropy(logits, target_codes[last], reduction="sum")
+        return StepOutput((codes.loss * codes.num_positions + completed) / max(rows.numel(), 1), int(rows.numel()))
 
     # -- inference
 
@@ -120,7 +144,7 @@ class SidGenRecommender(nn.Module):
         rows = self.embeddings.all_vectors(self.level_offsets.device)
         codes = int(self.level_offsets[-1])
         return GenerationTables(rows[:codes], self.heads.detach(), self.level_offsets, self.temperature,
-                                rows[codes:] if self.item_ids else None, self.prefix_inputs)
+                                rows[codes:] if self.item_ids else None, self.prefix_inputs, self.item_output)
 
     def prepare(self, batch: SequenceBatch, tables: GenerationTables) -> GenInputs:
         """History tokens of an evaluation batch (one target time per sequence)."""

@@ -269,6 +269,8 @@ class HSTUEncoder(nn.Module):
         """Use the fused attention kernel (``False``: plain autograd ops, for checks)."""
         self.chunk_overhead: float = jagged.DEFAULT_CHUNK_OVERHEAD
         """Per-chunk cost used to group sequences by length (see ``plan_length_chunks``)."""
+        self.causal_block: int = hstu_attention.CAUSAL_BLOCK
+        """Query rows per block of the block-causal attention kernel (``0``: whole chunks)."""
         self.precision: Precision = "fp32"
         """``bf16``: the layers run under bfloat16 autocast (inputs, plan and output stay float32;
         the attention casts explicitly); ``fp32``/``tf32``: float32 (TF32 is a global matmul switch,
@@ -336,7 +338,7 @@ class HSTUEncoder(nn.Module):
         plan = hstu_attention.build_attention_plan(
             offsets, timestamps, query_timestamps, positions, self.max_len, self.num_time_buckets,
             scale_by_length=self.attention_scale == "length", overhead=self.chunk_overhead, host_offsets=host,
-            scale_lengths=scale_lengths,
+            scale_lengths=scale_lengths, causal_block=self.causal_block,
         )
         if positions is None:
             positions = jagged.index_within_sequence(offsets, x.shape[0])

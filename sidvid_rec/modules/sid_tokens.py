@@ -77,16 +77,40 @@ class GenerationTables(NamedTuple):
     (``model.sid_gen_item_ids``), or ``None``."""
     prefix_inputs: bool = False
     """A token's input is the sum of its item's code rows up to its level (``model.sid_gen_prefix_inputs``)."""
+    item_output: bool = False
+    """The last level scores each child of a prefix with its code's output vector plus its item's
+    ID row (``model.sid_gen_item_output``; needs ``item_table``): :func:`item_level_logits`."""
 
     def token_inputs(self, ids: Tensor, levels: int) -> Tensor:
         """``ids [S * L]`` (every step's ``L`` code tokens, in order) -> ``[S * L, D]`` inputs."""
         return item_token_inputs(self.code_table[ids], levels, self.prefix_inputs)
 
-    def level_logits(self, states: Tensor, level: int) -> Tensor:
-        """``states [R, D]`` -> ``[R, K_l]`` logits over level ``level``'s codes."""
+    def level_logits(self, states: Tensor, level: int, child_items: Optional[Tensor] = None) -> Tensor:
+        """``states [R, D]`` -> ``[R, K_l]`` logits over level ``level``'s codes. With
+        :attr:`item_output`, the last level needs ``child_items [R, K_l]`` (the item each code
+        completes under the row's prefix, -1 = none) and scores by :func:`item_level_logits`."""
         start, end = int(self.level_offsets[level]), int(self.level_offsets[level + 1])
+        if self.item_output and level == self.level_offsets.numel() - 2:
+            if child_items is None or self.item_table is None:
+                raise ValueError("item_output: the last level's logits need the item table and each row's child items")
+            return item_level_logits(states, self.heads[start:end], self.item_table, child_items, self.temperature)
         keys = F.normalize(self.heads[start:end], dim=-1, eps=NORM_EPS)
         return F.normalize(states, dim=-1, eps=NORM_EPS) @ keys.T / self.temperature
+
+
+def item_level_logits(states: Tensor, level_heads: Tensor, item_rows: Tensor, child_items: Tensor,
+                      temperature: float) -> Tensor:
+    """Last-level logits that know the item each code completes: ``cos(state, heads[c] +
+    item_rows[item(prefix, c)]) / temperature`` for every code ``c`` of the row's prefix, ``-inf``
+    where no item has ``prefix + c``. The per-level code rows are shared by every item that
+    carries the code (the disambiguation code means nothing at all); the item's own row gives
+    the last choice per-item capacity, as ``sid_id`` scores each item with its own vector.
+
+    ``states [R, D]``, ``level_heads [K, D]``, ``item_rows [N + 1, D]``, ``child_items [R, K]`` -> ``[R, K]``.
+    """
+    keys = F.normalize(level_heads.unsqueeze(0) + item_rows[child_items.clamp(min=0)], dim=-1, eps=NORM_EPS)
+    logits = torch.einsum("rd,rkd->rk", F.normalize(states, dim=-1, eps=NORM_EPS), keys) / temperature
+    return logits.masked_fill(child_items < 0, float("-inf"))
 
 
 def item_token_inputs(rows: Tensor, levels: int, prefix_inputs: bool) -> Tensor:

@@ -75,6 +75,12 @@ class SidTrie:
     def from_codes(cls, codes: np.ndarray) -> "SidTrie":
         return cls(codes)
 
+    def child_items(self, nodes: Tensor) -> Tensor:
+        """``[..., K_{L-1}]`` the item each last-level code completes under the level-``L-2``
+        prefix ``nodes [...]`` (-1 where no item has that SID)."""
+        leaves = self.children[self.num_levels - 1][nodes]
+        return torch.where(leaves >= 0, self.item_of_leaf[leaves.clamp(min=0)], -1)
+
     def num_nodes(self, level: int) -> int:
         return int(self.node_code[level].numel())
 
