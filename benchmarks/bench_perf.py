@@ -285,7 +285,7 @@ def mustshow_run(repeats: int, steps: int, epochs: int, seeds: Sequence[int], js
     names = list(STEP_VARIANTS)
     trainer: Dict[str, List[Dict[str, Any]]] = {n: [] for n in names}
     with tempfile.TemporaryDirectory(prefix="sidvid-must-") as tmp:
-        for i, seed in enumerate(seeds):
+        for i, seed in enumerate(seeds if epochs > 0 else []):  # --epochs 0: no trainer runs
             for name in names[i % len(names):] + names[:i % len(names)]:
                 r = call_worker("bench_train", "trainer_loop", dict(
                     config="configs/ml-100k/hstu.yaml", data_path=path, data_format=data_format,
@@ -326,7 +326,7 @@ def mustshow_report(out: Dict[str, Any]) -> str:
     """Markdown of :func:`mustshow_run`'s raw results."""
     from benchmarks.bench_train import REFERENCE_TOKENS_PER_S
 
-    names = list(STEP_VARIANTS)
+    names = list(out["steps_results"]["id"])  # the paths this run measured, the baseline first
     lims = [out["limit_before"], out["limit_after"]]
     peak = max(l[k]["best_flops"] for l in lims for k in ("matmul_before", "matmul_after"))
     res = out["steps_results"]
@@ -951,7 +951,7 @@ def main(argv: List[str]) -> int:
     parser.add_argument("what", choices=["loss", "step", "decode", "length", "catalogue", "negatives", "threads",
                                          "combine", "mustshow"])
     parser.add_argument("--steps", type=int, default=6, help="mustshow: measured steps per process")
-    parser.add_argument("--epochs", type=int, default=10, help="mustshow: trainer epochs per run")
+    parser.add_argument("--epochs", type=int, default=10, help="mustshow: trainer epochs per run (0: no trainer runs)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="mustshow: trainer seeds")
     parser.add_argument("--report", default="", help="mustshow: only format this raw JSON")
     parser.add_argument("--timing", nargs="*", default=[], help="combine: NAME=JSON of the default-allocator runs")
