@@ -136,7 +136,7 @@ def beam_over_codes(states_of, tables: GenerationTables, trie: SidTrie, batch: i
         children = trie.children[level][node]
         completes = None  # item_output: the item each last-level code completes under its beam's prefix
         if tables.item_output and level == trie.num_levels - 1:
-            completes = torch.where(children >= 0, trie.item_of_leaf[children.clamp(min=0)], -1).flatten(0, 1)
+            completes = trie.child_items(node).flatten(0, 1)
         logits = tables.level_logits(states, level, completes).view(batch, node.shape[1], -1)
         allowed = None if available is None else available(level, node)
         scores, parent, node = _expand(scores, logits, children, allowed, width)
