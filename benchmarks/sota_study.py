@@ -61,6 +61,13 @@ ROWS: List[Row] = [
                                                          "model.sid_gen_item_ids=true"], K256),
     ("sid_gen-k256-prefix-ids-d0.2", "sid_gen.yaml", SID_GEN + ["model.sid_gen_prefix_inputs=true",
                                                               "model.sid_gen_item_ids=true", "model.dropout=0.2"], K256),
+    # the shipped sid_gen and sid_id rows on RQ-VAE SIDs (sids.method=rqvae) instead of balanced RQ-KMeans:
+    # the downstream half of "RQ-VAE vs RQ-KMeans" (RQ-VAE halves Beauty's code-tuple collisions at K=128)
+    ("sid_gen-k256-ids-itemout-rqvae", "sid_gen.yaml", SID_GEN + ["model.sid_gen_item_ids=true",
+                                                                "model.sid_gen_item_output=true"],
+     K256 + ["sids.method=rqvae"]),
+    ("sid_id-all-d128-rqvae", "hstu.yaml", ["model.mode=sid_id", "loss.negatives=all", "model.dim=128",
+                                            "model.dqk=128", "model.dv=128"], ["sids.method=rqvae"]),
 ]
 PUBLISHED = [  # Amazon 2014 Beauty, leave-one-out, full ranking: R@10, N@10, source
     ("SASRec + LiGR + sampled softmax (eSASRec)", 0.0928, 0.0523, "blondered/transformer_benchmark"),
