@@ -30,8 +30,10 @@ Row = Tuple[str, str, List[str], List[str]]
 """(row name, config file in configs/amazon-beauty, overrides, ``sids.*`` overrides of its SID build)."""
 K256 = ["sids.codebook_size=256"]  # TIGER's codebook size: 12,101 items -> 10,601 code tuples, <= 12 per tuple
 SID_GEN = ["eval.ks=[1,5,10]"]  # the beam is max(eval.ks) wide: width 200 (for HR@200) costs 16x width 10
-SID_ID_D128 = ["model.mode=sid_id", "loss.negatives=all", "model.dim=128", "model.dqk=128", "model.dv=128"]
+D128 = ["model.dim=128", "model.dqk=128", "model.dv=128"]  # the width validation chose for sid_id (d=128 vs 64)
+SID_ID_D128 = ["model.mode=sid_id", "loss.negatives=all"] + D128
 SID_GEN_ITEMOUT = SID_GEN + ["model.sid_gen_item_ids=true", "model.sid_gen_item_output=true"]
+SID_GEN_NODEOUT = SID_GEN_ITEMOUT + ["model.sid_gen_node_output=true"]
 """The shipped sid_id.yaml and sid_gen.yaml rows, shared by their RQ-VAE variants at the end of ROWS."""
 ROWS: List[Row] = [
     # the lever validation chose at the short budget (quality_levers.py, seeds 42 and 43): the exact softmax
@@ -56,6 +58,8 @@ ROWS: List[Row] = [
     ("sid_gen-k256-ids-d0.2", "sid_gen.yaml", SID_GEN + ["model.sid_gen_item_ids=true", "model.dropout=0.2"], K256),
     # ... and the last level scored by the items its codes complete (model.sid_gen_item_output)
     ("sid_gen-k256-ids-itemout", "sid_gen.yaml", SID_GEN_ITEMOUT, K256),
+    # ... and every level scored by trie node: a prefix's output vector = its code's + its items' mean ID row
+    ("sid_gen-k256-ids-nodeout", "sid_gen.yaml", SID_GEN_NODEOUT, K256),
     # ... with each code token's input the sum of its item's codes so far (model.sid_gen_prefix_inputs)
     ("sid_gen-k256-prefix", "sid_gen.yaml", SID_GEN + ["model.sid_gen_prefix_inputs=true"], K256),
     ("sid_gen-k256-prefix-ids", "sid_gen.yaml", SID_GEN + ["model.sid_gen_prefix_inputs=true",
@@ -66,6 +70,10 @@ ROWS: List[Row] = [
     # the downstream half of "RQ-VAE vs RQ-KMeans" (RQ-VAE: Beauty's code-tuple collisions 29% -> 18% at K=128)
     ("sid_gen-k256-ids-itemout-rqvae", "sid_gen.yaml", SID_GEN_ITEMOUT, K256 + ["sids.method=rqvae"]),
     ("sid_id-all-d128-rqvae", "hstu.yaml", SID_ID_D128, ["sids.method=rqvae"]),
+    ("sid_id-all-rqvae", "hstu.yaml", ["model.mode=sid_id", "loss.negatives=all"], ["sids.method=rqvae"]),
+    # ... and sid_gen at sid_id's chosen width on those SIDs (the candidate for TIGER's floor)
+    ("sid_gen-k256-ids-itemout-d128-rqvae", "sid_gen.yaml", SID_GEN_ITEMOUT + D128, K256 + ["sids.method=rqvae"]),
+    ("sid_gen-k256-ids-nodeout-rqvae", "sid_gen.yaml", SID_GEN_NODEOUT, K256 + ["sids.method=rqvae"]),
 ]
 PUBLISHED = [  # Amazon 2014 Beauty, leave-one-out, full ranking: R@10, N@10, source
     ("SASRec + LiGR + sampled softmax (eSASRec)", 0.0928, 0.0523, "blondered/transformer_benchmark"),

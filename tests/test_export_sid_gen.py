@@ -16,21 +16,24 @@ TINY = ["model.mode=sid_gen", "data.max_len=12", "model.dim=12", "model.dqk=8", 
 K = 10
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["codes", "prefix+item_ids+item_output"])
+VARIANTS = [(), ("item_ids", "prefix_inputs", "item_output"), ("item_ids", "item_output", "node_output")]
+
+
+@pytest.fixture(scope="module", params=VARIANTS, ids=["+".join(v) or "codes" for v in VARIANTS])
 def sid_gen_export(tmp_path_factory, request):
-    """A 1-epoch tiny sid_gen run on the embedded data and its export (with and without the
-    item-ID input rows, prefix inputs and the item-scored last level, ``model.sid_gen_item_ids`` /
-    ``sid_gen_prefix_inputs`` / ``sid_gen_item_output``)."""
+    """A 1-epoch tiny sid_gen run on the embedded data and its export: code tokens alone; with the
+    item-ID input rows, prefix inputs and the item-scored last level (``model.sid_gen_item_ids`` /
+    ``sid_gen_prefix_inputs`` / ``sid_gen_item_output``); with every level scored by trie node
+    (``sid_gen_node_output``)."""
     root = tmp_path_factory.mktemp("sid_gen_export")
     cache, sids, run, out = str(root / "cache"), str(root / "sids"), root / "run", root / "export"
     common = [f"data.cache_dir={cache}", *SIDS]
     assert main(["sids", "build", "--out", sids, "--no-progress", *common]) == 0
-    flag = str(request.param).lower()
-    item_ids = [f"model.sid_gen_item_ids={flag}", f"model.sid_gen_prefix_inputs={flag}",
-                f"model.sid_gen_item_output={flag}"]
-    assert main(["train", "--run-dir", str(run), f"sids.dir={sids}", *common, *TINY, *item_ids]) == 0
+    flags = [f"model.sid_gen_{name}={str(name in request.param).lower()}"
+             for name in ("item_ids", "prefix_inputs", "item_output", "node_output")]
+    assert main(["train", "--run-dir", str(run), f"sids.dir={sids}", *common, *TINY, *flags]) == 0
     assert main(["export", str(run), "--out", str(out)]) == 0
-    return {"root": root, "run": run, "out": out, "item_ids": request.param}
+    return {"root": root, "run": run, "out": out, "item_ids": "item_ids" in request.param, "flags": request.param}
 
 
 def test_training_evaluated_the_beam(sid_gen_export):
@@ -41,8 +44,8 @@ def test_training_evaluated_the_beam(sid_gen_export):
     assert manifest["model"]["mode"] == "sid_gen" and manifest["sid_gen"]["levels"] == 3  # 2 levels + dedup
     assert manifest["encoder"]["max_len"] == (12 + 1) * 3 - 1
     assert ("sid_item_table" in _vectors(sid_gen_export)) == sid_gen_export["item_ids"]
-    assert manifest["sid_gen"].get("prefix_inputs", False) == sid_gen_export["item_ids"]
-    assert manifest["sid_gen"].get("item_output", False) == sid_gen_export["item_ids"]
+    for name in ("prefix_inputs", "item_output", "node_output"):
+        assert manifest["sid_gen"].get(name, False) == (name in sid_gen_export["flags"])
 
 
 def _vectors(export):

@@ -45,7 +45,7 @@ def make_batch(histories, targets, training: bool) -> SequenceBatch:
 
 
 def tiny_model(scale: str = "length", seed: int = 0, item_ids: bool = False,
-               prefix_inputs: bool = False, item_output: bool = False) -> SidGenRecommender:
+               prefix_inputs: bool = False, item_output: bool = False, node_output: bool = False) -> SidGenRecommender:
     torch.manual_seed(seed)
     codes = _codes()
     trie = SidTrie.from_codes(codes)
@@ -56,7 +56,7 @@ def tiny_model(scale: str = "length", seed: int = 0, item_ids: bool = False,
         layer.rel_bias.ts_w.data.normal_(std=0.3)
         layer.rel_bias.pos_w.data.normal_(std=0.3)
     return SidGenRecommender(CodeTokenEmbeddings(rows, DIM), enc, codes, temperature=0.2, item_ids=item_ids,
-                             prefix_inputs=prefix_inputs, item_output=item_output).eval()
+                             prefix_inputs=prefix_inputs, item_output=item_output, node_output=node_output).eval()
 
 
 HISTORIES = [[3, 9, 27, 1, 14, 30, 2, 8], [5, 6], [11, 12, 40, 7]]
@@ -175,17 +175,21 @@ def test_prefix_inputs_sum_each_items_code_rows_up_to_the_token():
     assert float(tiny_model(prefix_inputs=True)(batch).loss) != float(tiny_model()(batch).loss)
 
 
-@pytest.mark.parametrize("item_ids,prefix_inputs,item_output",
-                         [(False, False, False), (True, False, False), (False, True, False), (True, True, False),
-                          (True, False, True)])
-def test_decoding_states_give_the_teacher_forced_loss(item_ids, prefix_inputs, item_output):
+@pytest.mark.parametrize("item_ids,prefix_inputs,item_output,node_output",
+                         [(False, False, False, False), (True, False, False, False), (False, True, False, False),
+                          (True, True, False, False), (True, False, True, False), (True, False, True, True),
+                          (True, True, True, True)])
+def test_decoding_states_give_the_teacher_forced_loss(item_ids, prefix_inputs, item_output, node_output):
     """Training and decoding lay the tokens out alike: from a one-item history, the decoder's
     per-level logits along the target's code path (cached states, no trie mask; with
-    ``item_output`` the last level over the items of the target's prefix) give exactly the
-    training loss of the two-item sequence (mean next-code cross-entropy of the target's codes)."""
+    ``item_output`` the last level over the items of the target's prefix; with ``node_output``
+    every level over the children of the target's prefix, as the beam scores them) give exactly
+    the training loss of the two-item sequence (mean next-code cross-entropy of the target's codes)."""
     from sidvid_rec.decode.sid_beam import _CachedStates
+    from sidvid_rec.modules.sid_tokens import NodeScorer
 
-    model = tiny_model(item_ids=item_ids, prefix_inputs=prefix_inputs, item_output=item_output)
+    model = tiny_model(item_ids=item_ids, prefix_inputs=prefix_inputs, item_output=item_output,
+                       node_output=node_output)
     histories, targets = [[3], [5], [11]], [4, 19, 33]
     train_loss = float(model(make_batch(histories, targets, training=True)).loss)
     batch = make_batch(histories, targets, training=False)
@@ -201,15 +205,19 @@ def test_decoding_states_give_the_teacher_forced_loss(item_ids, prefix_inputs, i
         if item_output and level == model.num_levels - 1:
             completes = model.trie.child_items(model.trie.node_of_item[level - 1][torch.tensor(targets)])
         logits = tables.level_logits(states, level, completes)
+        if node_output:
+            parents = model.trie.node_of_item[level - 1][torch.tensor(targets)] if level else torch.zeros(3).long()
+            logits = NodeScorer.of(tables, model.trie).logits(states, level, parents)
         losses.append(torch.nn.functional.cross_entropy(logits, codes[:, level], reduction="none"))
     assert float(torch.stack(losses).mean()) == pytest.approx(train_loss, rel=1e-5)
 
 
-@pytest.mark.parametrize("prefix_inputs,item_output", [(False, False), (True, False), (False, True)])
-def test_item_id_rows_reach_decoding_and_the_cache_equals_re_encoding(prefix_inputs, item_output):
+@pytest.mark.parametrize("prefix_inputs,item_output,node_output",
+                         [(False, False, False), (True, False, False), (False, True, False), (False, True, True)])
+def test_item_id_rows_reach_decoding_and_the_cache_equals_re_encoding(prefix_inputs, item_output, node_output):
     """The beam reads the item rows (the top-K moves with them); cached = re-encoding with the
-    item rows and / or prefix inputs and / or item-scored last level."""
-    model = tiny_model(item_ids=True, prefix_inputs=prefix_inputs, item_output=item_output)
+    item rows and / or prefix inputs and / or item-scored last level / node-scored levels."""
+    model = tiny_model(item_ids=True, prefix_inputs=prefix_inputs, item_output=item_output, node_output=node_output)
     batch = make_batch(HISTORIES, TARGETS, training=False)
     tables = model.generation_tables()
     assert tables.item_table is not None and tables.item_table.shape == (NUM_ITEMS + 1, DIM)
@@ -240,6 +248,52 @@ def test_item_output_scores_the_last_level_by_the_completed_items():
     assert ((completes >= 0) == (model.trie.children[model.num_levels - 1] >= 0)).all()
     with pytest.raises(ValueError, match="item_ids"):
         tiny_model(item_ids=False, item_output=True)
+
+
+def test_node_output_scores_each_child_by_the_mean_item_row_under_it():
+    """``node_output``: each level's logits are ``cos(state, heads[c] + mean ID row of the items
+    under (prefix, c))`` over the prefix's children (checked by hand at every level), ``-inf`` at
+    codes the prefix lacks; a first-level node's items' rows move the loss; the last level equals
+    ``item_output``'s; the returned items are valid, distinct, unseen, and their sequence
+    probabilities over the whole catalogue sum to 1."""
+    from sidvid_rec.modules.sid_tokens import NodeScorer
+
+    model = tiny_model(item_ids=True, item_output=True, node_output=True)
+    tables = model.generation_tables()
+    trie, codes = model.trie, model.codes
+    scorer = NodeScorer.of(tables, trie)
+    gen = torch.Generator().manual_seed(1)
+    for level in range(model.num_levels):
+        parents = (torch.zeros(5, dtype=torch.long) if level == 0
+                   else torch.randint(0, trie.num_nodes(level - 1), (5,), generator=gen))
+        states = torch.randn(5, DIM, generator=gen)
+        got = scorer.logits(states, level, parents)
+        for r in range(5):
+            for c in range(trie.level_sizes[level]):
+                node = int(trie.children[level][parents[r], c])
+                if node < 0:
+                    assert got[r, c] == float("-inf")
+                    continue
+                items = [i for i in range(1, NUM_ITEMS + 1) if int(trie.node_of_item[level][i]) == node]
+                key = tables.heads[int(tables.level_offsets[level]) + c] + tables.item_table[items].mean(0)
+                want = torch.nn.functional.cosine_similarity(states[r], key, dim=0) / tables.temperature
+                assert float(got[r, c]) == pytest.approx(float(want), rel=1e-5, abs=1e-5)
+        if level == model.num_levels - 1:  # one item per leaf: item_output's logits
+            completes = trie.child_items(parents)
+            torch.testing.assert_close(got, tables.level_logits(states, level, completes))
+    batch = make_batch(HISTORIES, TARGETS, training=True)
+    base = float(model(batch).loss)
+    first = [i for i in range(1, NUM_ITEMS + 1) if codes[i, 0] == codes[TARGETS[0], 0] and i != TARGETS[0]]
+    with torch.no_grad():  # an item that shares only the target's first code: an input nowhere in the batch
+        _table(model)[int(model.level_offsets[-1]) + next(i for i in first if i not in sum(HISTORIES, []))] += 1.0
+    assert float(model(batch).loss) != base
+    top = _search(model, k=NUM_ITEMS, beam=NUM_ITEMS)
+    for row, scores, history in zip(top.items.tolist(), top.scores, HISTORIES):
+        found = [i for i in row if i != MISSING_ID]
+        assert sorted(found) == sorted(set(range(1, NUM_ITEMS + 1)) - set(history))
+        assert float(scores[:len(found)].exp().sum()) == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(ValueError, match="item_output"):
+        tiny_model(item_ids=True, node_output=True)
 
 
 # ----------------------------------------------------------------------------- beam search

@@ -169,12 +169,15 @@ def _validate(cfg: Config) -> None:
     if cfg.model.mode == "cobra" and cfg.model.cobra_sid_head == "codes" and cfg.eval.decoder == "soft":
         raise ConfigError("eval.decoder=soft needs model.cobra_sid_head=whole; with model.cobra_sid_head=codes "
                           "use direct, neighbor or beam")
-    for key in ("sid_gen_item_ids", "sid_gen_prefix_inputs", "sid_gen_item_output"):
+    for key in ("sid_gen_item_ids", "sid_gen_prefix_inputs", "sid_gen_item_output", "sid_gen_node_output"):
         if getattr(cfg.model, key) and cfg.model.mode != "sid_gen":
             raise ConfigError(f"model.{key}=true applies to model.mode=sid_gen, got {cfg.model.mode}")
     if cfg.model.sid_gen_item_output and not cfg.model.sid_gen_item_ids:
         raise ConfigError("model.sid_gen_item_output=true scores the last level with the item-ID rows: "
                           "set model.sid_gen_item_ids=true as well")
+    if cfg.model.sid_gen_node_output and not cfg.model.sid_gen_item_output:
+        raise ConfigError("model.sid_gen_node_output=true extends the item-scored last level to every level: "
+                          "set model.sid_gen_item_output=true as well")
     loss, train = cfg.loss, cfg.train
     if loss.negatives_block and (loss.negatives != "uniform" or loss.label_smoothing):
         raise ConfigError(f"loss.negatives_block={loss.negatives_block} applies to loss.negatives=uniform without "

@@ -175,6 +175,12 @@ class ModelConfig:
     its code's output vector plus the item-ID row of the item it completes, so the final choice
     between the items under one prefix has per-item capacity (the code rows are shared by every
     item with that code, and the disambiguation code means nothing)."""
+    sid_gen_node_output: bool = False
+    """``sid_gen`` (with ``sid_gen_item_output``): every level, not only the last, scores each child
+    of the prefix by its trie node: its code's output vector plus the mean item-ID row of the items
+    under that node, over the prefix's existing children only (training and decoding alike). Every
+    prefix gets its own output vector, tied to its items (no new parameters); each step reads the
+    whole item table (``O(N D)``), so the code heads stay the default for huge catalogues."""
     sid_gen_item_ids: bool = False
     """``sid_gen``: add each history item's ID row to its last code token's input (the code table
     gains ``N + 1`` item rows). Only complete items carry it: a token fed to predict a later code

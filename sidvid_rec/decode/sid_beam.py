@@ -2,7 +2,8 @@
 
 Level by level, each beam (a valid prefix) scores the ``K_l`` codes of the next level
 (:meth:`~sidvid_rec.modules.sid_tokens.GenerationTables.level_logits`; with ``item_output`` the
-last level scores the items the codes complete); children that no item
+last level scores the items the codes complete, with ``node_output`` every level scores the
+children by their trie nodes: :class:`~sidvid_rec.modules.sid_tokens.NodeScorer`); children that no item
 has (and, with history filtering, children whose every item is in the example's history) are
 masked to ``-inf`` *before* the softmax, so ``log p`` is the model's distribution over the
 valid continuations and a beam is never an invalid prefix. A beam's score is the sum of its
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 
 from sidvid_rec.decode.base import TopK
 from sidvid_rec.modules.hstu import StepCache
-from sidvid_rec.modules.sid_tokens import GenerationTables, GenInputs, append_rows
+from sidvid_rec.modules.sid_tokens import GenerationTables, GenInputs, NodeScorer, append_rows
 from sidvid_rec.ops import jagged
 from sidvid_rec.semantic_ids.trie import SidTrie
 from sidvid_rec.types import MISSING_ID
@@ -129,15 +130,19 @@ def beam_over_codes(states_of, tables: GenerationTables, trie: SidTrie, batch: i
     scores = torch.zeros(batch, 1, device=device)
     node = torch.zeros(batch, 1, dtype=torch.long, device=device)  # the root
     states, parent_rows = states_of.first, None
+    scorer = NodeScorer.of(tables, trie) if tables.node_output else None
     for level in range(trie.num_levels):
         if level > 0:
             tokens = trie.node_code[level - 1][node] + tables.level_offsets[level - 1]
             states = states_of.next(level, tokens, parent_rows)
         children = trie.children[level][node]
-        completes = None  # item_output: the item each last-level code completes under its beam's prefix
-        if tables.item_output and level == trie.num_levels - 1:
-            completes = trie.child_items(node).flatten(0, 1)
-        logits = tables.level_logits(states, level, completes).view(batch, node.shape[1], -1)
+        if scorer is not None:
+            logits = scorer.logits(states, level, node.reshape(-1)).view(batch, node.shape[1], -1)
+        else:
+            completes = None  # item_output: the item each last-level code completes under its beam's prefix
+            if tables.item_output and level == trie.num_levels - 1:
+                completes = trie.child_items(node).flatten(0, 1)
+            logits = tables.level_logits(states, level, completes).view(batch, node.shape[1], -1)
         allowed = None if available is None else available(level, node)
         scores, parent, node = _expand(scores, logits, children, allowed, width)
         node = node.clamp(min=0)  # dead beams (score -inf, fewer valid prefixes than W) point anywhere

@@ -37,11 +37,14 @@ VECTOR_KEYS = ("sid_code_table", "sid_heads", "sid_codes")
 
 
 def sid_gen_manifest_section(max_len: int, levels: int, temperature: float, beam: int, kv_cache: bool,
-                             prefix_inputs: bool = False, item_output: bool = False) -> Dict[str, Any]:
+                             prefix_inputs: bool = False, item_output: bool = False,
+                             node_output: bool = False) -> Dict[str, Any]:
     """The manifest's ``sid_gen`` section (written by the export, read by :func:`load_sid_gen`);
-    ``prefix_inputs`` and ``item_output`` are written only when true, so older exports read as they were."""
+    ``prefix_inputs``, ``item_output`` and ``node_output`` are written only when true, so older
+    exports read as they were."""
     section = {"max_len": max_len, "levels": levels, "temperature": temperature, "beam": beam, "kv_cache": kv_cache}
-    flags = {name: True for name, on in (("prefix_inputs", prefix_inputs), ("item_output", item_output)) if on}
+    flags = {name: True for name, on in (("prefix_inputs", prefix_inputs), ("item_output", item_output),
+                                         ("node_output", node_output)) if on}
     return {**section, **flags}
 
 
@@ -88,11 +91,13 @@ def load_sid_gen(manifest: Dict[str, Any], encoder: HSTUEncoder, vectors: Dict[s
     if item_table is not None and tuple(item_table.shape) != (codes.shape[0], encoder.dim):
         raise ArtifactError(f"export: sid_item_table {tuple(item_table.shape)} does not fit {codes.shape[0]} items "
                             f"of width {encoder.dim}")
-    item_output = bool(section.get("item_output", False))
-    if item_output and item_table is None:
+    item_output, node_output = bool(section.get("item_output", False)), bool(section.get("node_output", False))
+    if (item_output or node_output) and item_table is None:
         raise ArtifactError("this sid_gen export scores items at the last level but lacks sid_item_table; "
                             "run `sidvid-rec export` again")
+    if node_output and not item_output:
+        raise ArtifactError("export manifest: sid_gen node_output without item_output; run `sidvid-rec export` again")
     tables = GenerationTables(table, heads, offsets, float(section["temperature"]), item_table,
-                              bool(section.get("prefix_inputs", False)), item_output)
+                              bool(section.get("prefix_inputs", False)), item_output, node_output)
     return SidGenRetriever(encoder, tables, codes, max_len, int(section.get("beam", 0)),
                            bool(section.get("kv_cache", True)), filter_history)

@@ -158,7 +158,8 @@ def export_run(run_dir: str, out: str, checkpoint: str = "best", overrides: Sequ
     if generates_sids(cfg.model.mode):
         manifest["sid_gen"] = sid_gen_manifest_section(cfg.data.max_len, module.num_levels, module.temperature,
                                                        cfg.eval.sid_gen_beam, cfg.eval.kv_cache,
-                                                       module.prefix_inputs, module.item_output)
+                                                       module.prefix_inputs, module.item_output,
+                                                       module.node_output)
     with storage.atomic_dir(out) as tmp:
         index.save(os.path.join(tmp, ex.INDEX))
         for name, blob in blobs.items():

@@ -158,7 +158,7 @@ def _build_sid_gen(cfg: Config, codebook: SemanticIdCodebook, table_device: str)
     encoder = build_encoder(cfg, trie.num_levels)
     return SidGenRecommender(embeddings, encoder, codebook.codes, temperature=cfg.loss.temperature,
                              item_ids=cfg.model.sid_gen_item_ids, prefix_inputs=cfg.model.sid_gen_prefix_inputs,
-                             item_output=cfg.model.sid_gen_item_output)
+                             item_output=cfg.model.sid_gen_item_output, node_output=cfg.model.sid_gen_node_output)
 
 
 def hstu_loss(cfg: Config, data: SequenceData) -> SampledSoftmaxLoss:

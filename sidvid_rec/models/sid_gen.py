@@ -31,7 +31,7 @@ from sidvid_rec.modules.code_embeddings import CodeTokenEmbeddings
 from sidvid_rec.modules.embeddings import INIT_STD
 from sidvid_rec.modules.hstu import HSTUEncoder
 from sidvid_rec.modules.interleave import append_step
-from sidvid_rec.modules.sid_tokens import (GenerationTables, GenInputs, code_tokens, item_level_logits,
+from sidvid_rec.modules.sid_tokens import (GenerationTables, GenInputs, NodeScorer, code_tokens, item_level_logits,
                                            item_token_inputs, level_offsets, prepare_histories, token_table)
 from sidvid_rec.ops import jagged
 from sidvid_rec.semantic_ids.trie import SidTrie
@@ -58,20 +58,26 @@ class SidGenRecommender(nn.Module):
         item_output: the last level's logits add each child's item-ID row to its code's output
             vector (``model.sid_gen_item_output``; needs ``item_ids``):
             :func:`~sidvid_rec.modules.sid_tokens.item_level_logits`.
+        node_output: every level scores the prefix's children by their trie nodes' items
+            (``model.sid_gen_node_output``; needs ``item_output``, whose last level it extends to
+            every level): :class:`~sidvid_rec.modules.sid_tokens.NodeScorer`.
     """
 
     def __init__(self, embeddings: CodeTokenEmbeddings, encoder: HSTUEncoder, codes: np.ndarray,
                  temperature: float = 0.05, item_ids: bool = False, prefix_inputs: bool = False,
-                 item_output: bool = False) -> None:
+                 item_output: bool = False, node_output: bool = False) -> None:
         super().__init__()
         if item_output and not item_ids:
             raise ValueError("item_output scores the last level with the item-ID rows: it needs item_ids")
+        if node_output and not item_output:
+            raise ValueError("node_output extends item_output's item-scored last level to every level: it needs item_output")
         self.trie = SidTrie.from_codes(codes)
         offsets = level_offsets(self.trie.level_sizes)
         rows = int(offsets[-1]) + (self.trie.num_items + 1 if item_ids else 0)
         if embeddings.num_rows != rows:
             raise ValueError(f"the code table has {embeddings.num_rows} rows, the SIDs need {rows}")
         self.item_ids, self.prefix_inputs, self.item_output = item_ids, prefix_inputs, item_output
+        self.node_output = node_output
         self.embeddings = embeddings
         self.encoder = encoder
         self.temperature = temperature
@@ -120,6 +126,8 @@ class SidGenRecommender(nn.Module):
         next_level = full.level[rows + 1]
         target_codes = full.ids[rows + 1] - self.level_offsets[next_level]
         states = h[rows - seq[rows]]
+        if self.node_output:
+            return self._node_loss(states, step_items[full.step[rows + 1]], next_level, target_codes)
         if not self.item_output:
             out = code_softmax_loss(states, target_codes, next_level, self.heads, self.level_offsets, self.temperature)
             return StepOutput(out.loss, out.num_positions)
@@ -135,6 +143,26 @@ class SidGenRecommender(nn.Module):
         completed = torch.nn.functional.cross_entropy(logits, target_codes[last], reduction="sum")
         return StepOutput((codes.loss * codes.num_positions + completed) / max(rows.numel(), 1), int(rows.numel()))
 
+    def _node_loss(self, states: Tensor, target_items: Tensor, levels: Tensor, target_codes: Tensor) -> StepOutput:
+        """Mean next-code cross-entropy with every level scored by trie node: ``states [P, D]``
+        predict code ``target_codes [P]`` at ``levels [P]`` of ``target_items [P]``, each over the
+        children of the target's prefix (:class:`NodeScorer`)."""
+        if self.trie.item_of_leaf.device != states.device:
+            self.trie.to(states.device)
+        scorer = NodeScorer(self.trie, self.heads, self.level_offsets,
+                            self.embeddings.vectors(int(self.level_offsets[-1]) + torch.arange(
+                                self.num_items + 1, device=states.device)), self.temperature)
+        total = states.new_zeros(())
+        for level in range(self.num_levels):
+            rows = torch.nonzero(levels == level).flatten()
+            if rows.numel() == 0:
+                continue
+            parents = (self.trie.node_of_item[level - 1][target_items[rows]] if level > 0
+                       else torch.zeros_like(rows))
+            logits = scorer.logits(states[rows], level, parents)
+            total = total + torch.nn.functional.cross_entropy(logits, target_codes[rows], reduction="sum")
+        return StepOutput(total / max(states.shape[0], 1), int(states.shape[0]))
+
     # -- inference
 
     @torch.no_grad()
@@ -144,7 +172,8 @@ class SidGenRecommender(nn.Module):
         rows = self.embeddings.all_vectors(self.level_offsets.device)
         codes = int(self.level_offsets[-1])
         return GenerationTables(rows[:codes], self.heads.detach(), self.level_offsets, self.temperature,
-                                rows[codes:] if self.item_ids else None, self.prefix_inputs, self.item_output)
+                                rows[codes:] if self.item_ids else None, self.prefix_inputs, self.item_output,
+                                self.node_output)
 
     def prepare(self, batch: SequenceBatch, tables: GenerationTables) -> GenInputs:
         """History tokens of an evaluation batch (one target time per sequence)."""

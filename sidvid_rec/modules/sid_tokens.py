@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from sidvid_rec.ops import jagged
+from sidvid_rec.semantic_ids.trie import SidTrie
 
 NORM_EPS = 1e-6
 """L2-norm clamp of the logits' cosine (the losses' ``NORM_EPS``)."""
@@ -80,6 +81,9 @@ class GenerationTables(NamedTuple):
     item_output: bool = False
     """The last level scores each child of a prefix with its code's output vector plus its item's
     ID row (``model.sid_gen_item_output``; needs ``item_table``): :func:`item_level_logits`."""
+    node_output: bool = False
+    """Every level scores the children of a prefix by their trie nodes (``model.sid_gen_node_output``;
+    needs ``item_table`` and ``item_output``): :class:`NodeScorer`."""
 
     def token_inputs(self, ids: Tensor, levels: int) -> Tensor:
         """``ids [S * L]`` (every step's ``L`` code tokens, in order) -> ``[S * L, D]`` inputs."""
@@ -111,6 +115,55 @@ def item_level_logits(states: Tensor, level_heads: Tensor, item_rows: Tensor, ch
     keys = F.normalize(level_heads.unsqueeze(0) + item_rows[child_items.clamp(min=0)], dim=-1, eps=NORM_EPS)
     logits = torch.einsum("rd,rkd->rk", F.normalize(states, dim=-1, eps=NORM_EPS), keys) / temperature
     return logits.masked_fill(child_items < 0, float("-inf"))
+
+
+def node_means(trie: SidTrie, item_rows: Tensor, level: int) -> Tensor:
+    """``[M_l, D]`` the mean item-ID row of the items under each level-``l`` node
+    (``item_rows [N + 1, D]``, row 0 padding; a last-level node holds one item: its row)."""
+    nodes = trie.node_of_item[level][1:].to(item_rows.device)
+    sums = item_rows.new_zeros(trie.num_nodes(level), item_rows.shape[1]).index_add(0, nodes, item_rows[1:])
+    return sums / trie.items_under[level].to(item_rows.device, item_rows.dtype).unsqueeze(1)
+
+
+class NodeScorer:
+    """Logits of every level scored by trie node (``model.sid_gen_node_output``): child ``c`` of a
+    prefix ``p`` scores ``cos(state, heads_l[c] + mean item-ID row under node (p, c)) / temperature``,
+    and only the prefix's existing children score (``-inf`` elsewhere), in training as in decoding.
+
+    Why: the plain level logits ``cos(state, heads_l[c])`` share one output row per code among
+    every item carrying it, whatever its prefix; tying each node to its items' ID rows (no new
+    parameters) gives every prefix its own output vector, so the factorised ``p(c_0) p(c_1 | c_0) ...``
+    scores items with item capacity, as ``sid_id``'s softmax does. At the last level a node is one
+    item, so this is :func:`item_level_logits` exactly. The node means cost ``O(N D)`` per
+    forward: the option is for catalogues where the item table is at hand anyway.
+
+    Args: ``trie``; ``heads [sum K_l, D]``; ``level_offsets [L + 1]``; ``item_rows [N + 1, D]``.
+    """
+
+    def __init__(self, trie: SidTrie, heads: Tensor, level_offsets: Tensor, item_rows: Tensor,
+                 temperature: float) -> None:
+        self.trie, self.temperature = trie, temperature
+        self.level_sizes = [int(level_offsets[level + 1] - level_offsets[level]) for level in range(trie.num_levels)]
+        self.keys = [F.normalize(heads[int(level_offsets[level]) + trie.node_code[level].to(heads.device)]
+                                 + node_means(trie, item_rows, level), dim=-1, eps=NORM_EPS)
+                     for level in range(trie.num_levels)]  # [M_l, D] per level
+
+    @classmethod
+    def of(cls, tables: GenerationTables, trie: SidTrie) -> "NodeScorer":
+        if tables.item_table is None:
+            raise ValueError("node_output scores the trie nodes by their items' ID rows: it needs the item table")
+        return cls(trie, tables.heads, tables.level_offsets, tables.item_table, tables.temperature)
+
+    def logits(self, states: Tensor, level: int, parents: Tensor) -> Tensor:
+        """``states [R, D]``, ``parents [R]`` level-``l-1`` nodes (the root 0 at level 0) -> ``[R, K_l]``."""
+        child = self.trie.child_nodes[level].to(states.device)[parents]  # [R, C_l], packed, -1 pads
+        code = self.trie.child_codes[level].to(states.device)[parents]
+        keys = self.keys[level][child.clamp(min=0)]  # [R, C_l, D]
+        packed = torch.einsum("rd,rcd->rc", F.normalize(states, dim=-1, eps=NORM_EPS), keys) / self.temperature
+        packed = packed.masked_fill(child < 0, float("-inf"))
+        size = self.level_sizes[level]
+        spread = packed.new_full((packed.shape[0], size + 1), float("-inf"))  # column K_l takes the pads
+        return spread.scatter(1, torch.where(child >= 0, code, size), packed)[:, :size]
 
 
 def item_token_inputs(rows: Tensor, levels: int, prefix_inputs: bool) -> Tensor:

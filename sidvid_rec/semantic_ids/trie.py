@@ -12,7 +12,10 @@ Tensors (all int64):
   code ``c``, or -1 when no item has that prefix (``M_{-1} = 1``, the root);
 * ``node_code[l] [M_l]``: the last code of each node; ``node_parent[l] [M_l]`` its level-``l-1``
   node (0, the root, at level 0); ``items_under[l] [M_l]`` its item count;
-* ``item_of_leaf [M_{L-1}]``: the item a full SID names.
+* ``item_of_leaf [M_{L-1}]``: the item a full SID names;
+* ``child_nodes[l] [M_{l-1}, C_l]`` / ``child_codes[l]``: each node's existing children and their
+  codes, packed to the left (``C_l`` = the most children any node has; -1 pads): what scoring
+  only the valid children reads without a ``K_l``-wide gather per row.
 
 A beam search masks children that are -1 (never an invalid prefix) and, with history
 filtering, children whose every item is in the history (:meth:`SidTrie.available_children`;
@@ -51,6 +54,8 @@ class SidTrie:
         self.node_code: List[Tensor] = []
         self.node_parent: List[Tensor] = []
         self.items_under: List[Tensor] = []
+        self.child_nodes: List[Tensor] = []
+        self.child_codes: List[Tensor] = []
         parent = np.zeros(self.num_items, dtype=np.int64)  # every item hangs off the root
         num_parents = 1
         for level, size in enumerate(self.level_sizes):
@@ -64,6 +69,10 @@ class SidTrie:
             self.node_code.append(torch.from_numpy(keys % size))
             self.node_parent.append(torch.from_numpy(keys // size))
             self.items_under.append(torch.from_numpy(counts.astype(np.int64)))
+            packed = np.argsort(children < 0, axis=1, kind="stable")[:, :max(int((children >= 0).sum(1).max()), 1)]
+            nodes = np.take_along_axis(children, packed, axis=1)
+            self.child_nodes.append(torch.from_numpy(nodes))
+            self.child_codes.append(torch.from_numpy(np.where(nodes >= 0, packed, -1)))
             parent, num_parents = node, keys.size
         if num_parents != self.num_items:  # fewer full SIDs than items (vectorised: no row-wise unique)
             raise DataError("two items share a SID: SID generation needs the disambiguation level (sids dedup)")
@@ -128,7 +137,8 @@ class SidTrie:
 
     def to(self, device: torch.device) -> "SidTrie":
         """Moves every tensor to ``device`` (in place); returns self."""
-        for name in ("node_of_item", "children", "node_code", "node_parent", "items_under"):
+        for name in ("node_of_item", "children", "node_code", "node_parent", "items_under", "child_nodes",
+                     "child_codes"):
             setattr(self, name, [t.to(device) for t in getattr(self, name)])
         self.item_of_leaf = self.item_of_leaf.to(device)
         return self

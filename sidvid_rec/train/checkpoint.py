@@ -85,7 +85,8 @@ _DATA_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*\.dcp$")
 
 
 FINGERPRINT_ADDED_KEYS = {"cobra_sid_head": "whole", "sid_gen_item_ids": False,
-                          "sid_gen_prefix_inputs": False, "sid_gen_item_output": False}
+                          "sid_gen_prefix_inputs": False, "sid_gen_item_output": False,
+                          "sid_gen_node_output": False}
 """``model.*`` keys added after runs were fingerprinted, each with the value that means the old
 behaviour: at that value a key is left out of the hash, so the runs written before it keep
 their fingerprints (and their checkpoints load); any other value is hashed as usual."""
