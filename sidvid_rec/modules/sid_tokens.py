@@ -144,7 +144,9 @@ class NodeScorer:
                  temperature: float) -> None:
         self.trie, self.temperature = trie, temperature
         self.level_sizes = [int(level_offsets[level + 1] - level_offsets[level]) for level in range(trie.num_levels)]
-        self.keys = [F.normalize(heads[int(level_offsets[level]) + trie.node_code[level].to(heads.device)]
+        # index_select, not indexing: its backward is an index_add, far cheaper on the CPU than
+        # the accumulating index_put that indexing's backward runs
+        self.keys = [F.normalize(heads.index_select(0, int(level_offsets[level]) + trie.node_code[level].to(heads.device))
                                  + node_means(trie, item_rows, level), dim=-1, eps=NORM_EPS)
                      for level in range(trie.num_levels)]  # [M_l, D] per level
 
@@ -158,8 +160,13 @@ class NodeScorer:
         """``states [R, D]``, ``parents [R]`` level-``l-1`` nodes (the root 0 at level 0) -> ``[R, K_l]``."""
         child = self.trie.child_nodes[level].to(states.device)[parents]  # [R, C_l], packed, -1 pads
         code = self.trie.child_codes[level].to(states.device)[parents]
-        keys = self.keys[level][child.clamp(min=0)]  # [R, C_l, D]
-        packed = torch.einsum("rd,rcd->rc", F.normalize(states, dim=-1, eps=NORM_EPS), keys) / self.temperature
+        queries = F.normalize(states, dim=-1, eps=NORM_EPS)
+        keys = self.keys[level]
+        if keys.shape[0] <= 2 * child.shape[1]:  # few nodes (the first level): one matmul beats a [R, C, D] gather
+            packed = (queries @ keys.T).gather(1, child.clamp(min=0)) / self.temperature
+        else:
+            gathered = keys.index_select(0, child.clamp(min=0).reshape(-1)).view(*child.shape, -1)  # [R, C_l, D]
+            packed = torch.einsum("rd,rcd->rc", queries, gathered) / self.temperature
         packed = packed.masked_fill(child < 0, float("-inf"))
         size = self.level_sizes[level]
         spread = packed.new_full((packed.shape[0], size + 1), float("-inf"))  # column K_l takes the pads
