@@ -60,6 +60,7 @@ ROWS: List[Row] = [
     ("sid_gen-k256-ids-itemout", "sid_gen.yaml", SID_GEN_ITEMOUT, K256),
     # ... and every level scored by trie node: a prefix's output vector = its code's + its items' mean ID row
     ("sid_gen-k256-ids-nodeout", "sid_gen.yaml", SID_GEN_NODEOUT, K256),
+    ("sid_gen-k256-ids-nodeout-d128", "sid_gen.yaml", SID_GEN_NODEOUT + D128, K256),
     # ... with each code token's input the sum of its item's codes so far (model.sid_gen_prefix_inputs)
     ("sid_gen-k256-prefix", "sid_gen.yaml", SID_GEN + ["model.sid_gen_prefix_inputs=true"], K256),
     ("sid_gen-k256-prefix-ids", "sid_gen.yaml", SID_GEN + ["model.sid_gen_prefix_inputs=true",
