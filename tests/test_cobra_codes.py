@@ -149,10 +149,12 @@ def test_fingerprint_of_the_whole_head_is_unchanged():
     import hashlib
 
     from sidvid_rec.config import load_config
-    from sidvid_rec.train.checkpoint import model_fingerprint
+    from sidvid_rec.train.checkpoint import FINGERPRINT_ADDED_KEYS, model_fingerprint
 
     cfg = load_config(None, ["model.mode=cobra"])
-    added = ("cobra_sid_head", "sid_gen_item_ids", "sid_gen_prefix_inputs", "sid_gen_item_output")
+    added = tuple(FINGERPRINT_ADDED_KEYS)
+    assert set(added) >= {"cobra_sid_head", "sid_gen_item_ids", "sid_gen_prefix_inputs", "sid_gen_item_output",
+                          "sid_gen_node_output"}
     old = {k: v for k, v in cfg.model.__dict__.items() if k not in added}
     shape = {"model": old, "num_items": 7, "max_len": cfg.data.max_len, "data_path": cfg.data.path,
              "format": cfg.data.format}
@@ -163,6 +165,9 @@ def test_fingerprint_of_the_whole_head_is_unchanged():
     with_ids = load_config(None, ["model.mode=sid_gen", "model.sid_gen_item_ids=true"])
     assert model_fingerprint(sid_gen, 7) != model_fingerprint(with_ids, 7) != model_fingerprint(
         load_config(None, ["model.mode=sid_gen", "model.sid_gen_item_ids=true", "model.sid_gen_item_output=true"]), 7)
+    item_output = ["model.mode=sid_gen", "model.sid_gen_item_ids=true", "model.sid_gen_item_output=true"]
+    assert model_fingerprint(load_config(None, item_output), 7) != model_fingerprint(
+        load_config(None, item_output + ["model.sid_gen_node_output=true"]), 7)
 
 
 def test_codes_export_retrieval_needs_no_training_code(codes_run):

@@ -16,7 +16,7 @@ from benchmarks.sota_study import ROWS, STUDY_SETTINGS  # noqa: E402
 
 CONFIGS = os.path.join(REPO, "configs", "amazon-beauty")
 SHIPPED = {"hstu.yaml": "id-all", "sid_id.yaml": "sid_id-all-d128", "cobra.yaml": "cobra-all",
-           "sid_gen.yaml": "sid_gen-k256-ids-itemout"}
+           "sid_gen.yaml": "sid_gen-k256-ids-nodeout-d128"}
 """Shipped config -> the study row it must reproduce."""
 CHOSEN_AFTER_TRAINING = {"eval": ("sid_gen_beam", "decoder", "alpha", "beam_size")}
 """Decoding settings the study chooses on validation after training (shipped as the choice)."""
