@@ -29,8 +29,11 @@ from common import add_report_args, emit_report  # noqa: E402  (benchmarks/commo
 Row = Tuple[str, str, List[str], List[str]]
 """(row name, config file in configs/amazon-beauty, overrides, ``sids.*`` overrides of its SID build)."""
 K256 = ["sids.codebook_size=256"]  # TIGER's codebook size: 12,101 items -> 10,601 code tuples, <= 12 per tuple
-SID_GEN = ["eval.ks=[1,5,10]"]  # the beam is max(eval.ks) wide: width 200 (for HR@200) costs 16x width 10
 D128 = ["model.dim=128", "model.dqk=128", "model.dv=128"]  # the width validation chose for sid_id (d=128 vs 64)
+SID_GEN = (["eval.ks=[1,5,10]"]  # the beam is max(eval.ks) wide: width 200 (for HR@200) costs 16x width 10
+           # what sid_gen.yaml was when the first rows ran (it now ships the chosen row): each row adds its levers
+           + ["model.dim=64", "model.dqk=64", "model.dv=64"]
+           + [f"model.sid_gen_{flag}=false" for flag in ("item_ids", "prefix_inputs", "item_output", "node_output")])
 SID_ID_D128 = ["model.mode=sid_id", "loss.negatives=all"] + D128
 SID_GEN_ITEMOUT = SID_GEN + ["model.sid_gen_item_ids=true", "model.sid_gen_item_output=true"]
 SID_GEN_NODEOUT = SID_GEN_ITEMOUT + ["model.sid_gen_node_output=true"]
